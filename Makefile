@@ -1,0 +1,38 @@
+# Two commands for a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: setup demo test lint bench worker clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	cd example_project && ../$(BIN)/python manage.py migrate --noinput -v 0
+	cd example_project && ../$(BIN)/python manage.py runserver 127.0.0.1:$(PORT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python benchmarks/delivery.py
+	$(BIN)/python benchmarks/request.py
+	$(BIN)/python benchmarks/soak.py
+
+worker: setup
+	cd example_project && ../$(BIN)/celery -A demo worker -l info
+
+clean:
+	rm -rf $(VENV) build *.egg-info example_project/db.sqlite3

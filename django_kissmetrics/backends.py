@@ -1,0 +1,128 @@
+"""Where commands go: ``celery`` (default), ``sync``, ``locmem``, ``disabled``, or your own.
+
+A backend is a subclass of :class:`BaseBackend` with one method, :meth:`~BaseBackend.send`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+
+from django.utils.module_loading import import_string
+
+from .commands import Command
+from .conf import ConfigurationError, get_settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BaseBackend",
+    "CeleryBackend",
+    "DisabledBackend",
+    "LocmemBackend",
+    "SyncBackend",
+    "get_backend",
+]
+
+
+class BaseBackend:
+    """The base of every backend. ``send`` is called once per request (or per batch).
+
+    ``send`` must not raise for a delivery problem: log it and call
+    :func:`django_kissmetrics.delivery.give_up` so that nothing is lost silently.
+    """
+
+    #: ``send`` may wait on the network; under ASGI it is then run off the event loop.
+    blocking = True
+
+    def send(self, commands: Sequence[Command]) -> None:
+        """Take responsibility for delivering ``commands``."""
+        raise NotImplementedError
+
+
+class DisabledBackend(BaseBackend):
+    """Drops every command (tracking is off)."""
+
+    blocking = False
+
+    def send(self, commands: Sequence[Command]) -> None:
+        """Drop ``commands``."""
+
+
+class LocmemBackend(BaseBackend):
+    """Keeps commands in :data:`django_kissmetrics.testing.outbox`, for tests."""
+
+    blocking = False
+
+    def send(self, commands: Sequence[Command]) -> None:
+        """Append ``commands`` to the outbox."""
+        from .testing import outbox
+
+        outbox.extend(commands)
+
+
+class SyncBackend(BaseBackend):
+    """Delivers in the calling thread, without Celery: simple, but the caller waits."""
+
+    def send(self, commands: Sequence[Command]) -> None:
+        """Deliver ``commands`` now; log and signal the ones that fail."""
+        from . import delivery
+
+        try:
+            failures = delivery.deliver(commands)
+        except Exception as exc:
+            delivery.give_up(commands, exc, "delivery raised")
+            return
+        if failures:
+            delivery.give_up([c for c, _ in failures], failures[-1][1], "sync delivery failed")
+
+
+class CeleryBackend(BaseBackend):
+    """Queues one Celery task per batch, published off the request thread.
+
+    With ``PUBLISH = "inline"`` the message is published in the calling thread instead.
+    """
+
+    @property  # type: ignore[override]
+    def blocking(self) -> bool:  # type: ignore[override]
+        """Only inline publishing waits on the broker."""
+        return get_settings().PUBLISH == "inline"
+
+    def send(self, commands: Sequence[Command]) -> None:
+        """Hand ``commands`` to the publisher."""
+        from . import publisher
+
+        if get_settings().PUBLISH == "inline":
+            publisher.publish(commands)
+        else:
+            publisher.get_publisher().submit(commands)
+
+
+_ALIASES = {
+    "celery": CeleryBackend,
+    "sync": SyncBackend,
+    "locmem": LocmemBackend,
+    "disabled": DisabledBackend,
+}
+
+
+@functools.cache
+def get_backend() -> BaseBackend:
+    """The configured backend (``DisabledBackend`` when there is no API key)."""
+    conf = get_settings()
+    if not conf.API_KEY:
+        return DisabledBackend()
+    cls = _ALIASES.get(conf.BACKEND)
+    if cls is None:
+        try:
+            cls = import_string(conf.BACKEND)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"settings.KISSMETRICS['BACKEND'] {conf.BACKEND!r} cannot be imported: {exc}"
+            ) from exc
+        if not (isinstance(cls, type) and issubclass(cls, BaseBackend)):
+            raise ConfigurationError(
+                f"settings.KISSMETRICS['BACKEND'] {conf.BACKEND!r} is not a BaseBackend subclass"
+            )
+    return cls()

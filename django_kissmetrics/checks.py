@@ -1,0 +1,80 @@
+"""System checks ``django_kissmetrics.E001`` ... for settings and middleware order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning
+
+from .conf import ConfigurationError, get_settings
+
+__all__ = ["check_settings"]
+
+MIDDLEWARE = "django_kissmetrics.middleware.KissmetricsMiddleware"
+AFTER = (
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+)
+
+
+def _celery_problem() -> CheckMessage | None:
+    try:
+        from celery import _state
+    except ImportError:
+        return Error(
+            'KISSMETRICS["BACKEND"] is "celery" but Celery is not installed.',
+            hint='pip install "django-kissmetrics[celery]", or use the "sync" backend.',
+            id="django_kissmetrics.E003",
+        )
+    app = _state.get_current_app()
+    if app is _state.default_app and app.main == "default":
+        return Warning(
+            'KISSMETRICS["BACKEND"] is "celery" but no Celery app is loaded.',
+            hint="Create your Celery app in proj/celery.py and import it in proj/__init__.py "
+            "(see Celery's 'First steps with Django').",
+            id="django_kissmetrics.W003",
+        )
+    return None
+
+
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The checks: a valid setting, an API key, a usable backend, the middleware in place."""
+    messages: list[CheckMessage] = []
+    try:
+        conf = get_settings()
+    except ConfigurationError as exc:
+        return [Error(str(exc), id="django_kissmetrics.E001")]
+    if not conf.API_KEY:
+        messages.append(
+            Warning(
+                'KISSMETRICS["API_KEY"] is not set: tracking is disabled.',
+                hint="Set it to your site's key from Kissmetrics' settings page.",
+                id="django_kissmetrics.W002",
+            )
+        )
+    if conf.BACKEND == "celery":
+        problem = _celery_problem()
+        if problem is not None:
+            messages.append(problem)
+    middleware = list(getattr(settings, "MIDDLEWARE", []))
+    if MIDDLEWARE not in middleware:
+        messages.append(
+            Warning(
+                f"{MIDDLEWARE} is not in MIDDLEWARE: no km_ai cookie, no current person.",
+                hint="Add it after AuthenticationMiddleware.",
+                id="django_kissmetrics.W001",
+            )
+        )
+    else:
+        index = middleware.index(MIDDLEWARE)
+        for other in AFTER:
+            if other in middleware and middleware.index(other) > index:
+                messages.append(
+                    Error(
+                        f"{MIDDLEWARE} must come after {other} in MIDDLEWARE.",
+                        hint="It needs request.session and request.user.",
+                        id="django_kissmetrics.E002",
+                    )
+                )
+    return messages

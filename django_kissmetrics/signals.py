@@ -1,0 +1,13 @@
+"""Signals this package sends."""
+
+from __future__ import annotations
+
+from django.dispatch import Signal
+
+__all__ = ["delivery_failed"]
+
+#: Sent once for commands that could not be delivered and will not be retried again:
+#: retries ran out, the server refused them for good, or they could not be queued.
+#: Arguments: ``commands`` (a list of :class:`~django_kissmetrics.commands.Command`)
+#: and ``error`` (the last exception, or ``None``).
+delivery_failed = Signal()

@@ -1,0 +1,64 @@
+"""Celery delivery: one task per batch of commands, retrying only what failed."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from celery import Task, shared_task
+
+from . import delivery
+from .commands import Command
+from .conf import get_settings
+
+__all__ = ["backoff", "deliver"]
+
+
+def backoff(retries: int, retry_after: float | None = None) -> float:
+    """Seconds before retry number ``retries + 1``: exponential, jittered, capped.
+
+    The cap (``RETRY_BACKOFF_MAX``) must stay well under the broker's visibility
+    timeout, or Redis hands a waiting message to a second worker.
+    """
+    conf = get_settings()
+    delay = conf.RETRY_BACKOFF * (2**retries) * random.uniform(0.5, 1.5)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return float(min(delay, conf.RETRY_BACKOFF_MAX))
+
+
+@shared_task(
+    bind=True,
+    name="django_kissmetrics.deliver",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+    ignore_result=True,
+)
+def deliver(self: Task[Any, Any], commands: list[dict[str, Any]]) -> int:
+    """Deliver ``commands`` (``Command.to_dict()`` forms); return how many were delivered.
+
+    Those that fail with a retriable error are sent again, alone, after a backoff;
+    each keeps the ``_t`` of its original call, so Kissmetrics sees the same record.
+    """
+    batch = [Command.from_dict(c) for c in commands]
+    failures = delivery.deliver(batch)
+    if not failures:
+        return len(batch)
+    permanent = [(c, e) for c, e in failures if not e.retriable]
+    if permanent:
+        delivery.give_up([c for c, _ in permanent], permanent[-1][1], "refused by the server")
+    retriable = [(c, e) for c, e in failures if e.retriable]
+    if not retriable:
+        return len(batch) - len(failures)
+    error = retriable[-1][1]
+    retries = self.request.retries
+    if retries >= get_settings().MAX_RETRIES:
+        delivery.give_up([c for c, _ in retriable], error, f"gave up after {retries + 1} attempts")
+        return len(batch) - len(failures)
+    retry_after = max((e.retry_after or 0.0) for _, e in retriable) or None
+    raise self.retry(
+        args=[[c.to_dict() for c, _ in retriable]],
+        countdown=backoff(retries, retry_after),
+        exc=error,
+    )

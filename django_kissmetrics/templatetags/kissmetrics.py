@@ -1,0 +1,72 @@
+"""``{% kissmetrics_js %}``: the Kissmetrics loader and this page's ``_kmq.push`` commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django import template
+from django.core.serializers.json import DjangoJSONEncoder
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
+
+from ..conf import get_settings
+from ..middleware import cookie_domain_for
+from ..tracker import SESSION_BROWSER, RequestTracker
+
+logger = logging.getLogger(__name__)
+register = template.Library()
+
+# Escaped so that no string can close the script element or start a comment in it.
+# ensure_ascii also escapes U+2028 and U+2029, which end a line in older JavaScript.
+_ESCAPES = {ord("<"): "\\u003C", ord(">"): "\\u003E", ord("&"): "\\u0026"}
+
+LOADER = (
+    "function _kms(u){setTimeout(function(){var d=document,"
+    "f=d.getElementsByTagName('script')[0],s=d.createElement('script');"
+    "s.type='text/javascript';s.async=true;s.src=u;"
+    "f.parentNode.insertBefore(s,f);},1);}\n"
+    "_kms('//i.kissmetrics.io/i.js');\n"
+    "_kms('//scripts.kissmetrics.io/'+_kmk+'.2.js');\n"
+)
+
+
+def js_value(value: Any) -> str:
+    """``value`` as a JavaScript literal that is safe inside ``<script>``."""
+    return json.dumps(value, cls=DjangoJSONEncoder, ensure_ascii=True).translate(_ESCAPES)
+
+
+def page_commands(tracker: RequestTracker) -> list[list[Any]]:
+    """The ``_kmq.push`` commands for this page, in order; each is emitted once."""
+    session = getattr(tracker.request, "session", None)
+    pending = session.pop(SESSION_BROWSER, []) if session is not None else []
+    queued = [*pending, *tracker.browser]
+    tracker.browser_rendered = True
+    clear = [c for c in queued if c and c[0] == "clearIdentity"][:1]
+    rest = [c for c in queued if c and c[0] != "clearIdentity"]
+    identify = [["identify", tracker.identity]] if tracker.named else []
+    return [*clear, *identify, *rest]
+
+
+@register.simple_tag(takes_context=True)
+def kissmetrics_js(context: template.Context) -> SafeString | str:
+    """The loader script; empty for a visitor who is not tracked or outside a request."""
+    request = context.get("request")
+    tracker = getattr(request, "km", None)
+    if not isinstance(tracker, RequestTracker) or not tracker.active:
+        return ""
+    try:
+        conf = get_settings()
+        lines = ["var _kmq = _kmq || [];", f"var _kmk = _kmk || {js_value(conf.API_KEY)};"]
+        domain = cookie_domain_for(tracker.request)
+        if domain:
+            lines.append(f"var KM_COOKIE_DOMAIN = {js_value(domain)};")
+        lines.append(LOADER)
+        lines += [f"_kmq.push({js_value(c)});" for c in page_commands(tracker)]
+        nonce = getattr(request, conf.CSP_NONCE_ATTRIBUTE or "", None)
+        attr = f' nonce="{escape(str(nonce))}"' if nonce else ""
+    except Exception:
+        logger.exception("Kissmetrics: could not render {% kissmetrics_js %}")
+        return ""
+    return mark_safe(f"<script{attr}>\n" + "\n".join(lines) + "\n</script>")  # noqa: S308

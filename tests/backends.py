@@ -1,0 +1,22 @@
+"""Test helpers: a backend that counts deliveries, an identity function by e-mail."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from django_kissmetrics.backends import BaseBackend
+from django_kissmetrics.commands import Command
+
+
+class CountingBackend(BaseBackend):
+    """Keeps each delivery (one list per ``send``)."""
+
+    calls: ClassVar[list[list[Command]]] = []
+
+    def send(self, commands: Sequence[Command]) -> None:
+        self.calls.append(list(commands))
+
+
+def email_identity(user: Any) -> str:
+    return str(user.email)

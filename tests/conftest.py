@@ -1,0 +1,141 @@
+"""Fixtures: a stand-in tracker on loopback, a real Redis broker and a real Celery worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.test import override_settings
+
+from django_kissmetrics.testing import StandInTracker
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def need(reason: str) -> None:
+    """Skip outside CI, fail in CI: under CI=true nothing may be skipped."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+class RedisServer:
+    """A redis-server subprocess on a port of its own, for tests that stop the broker."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            need("redis-server is not installed (apt-get install redis-server)")
+        self.process = subprocess.Popen(
+            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not redis_answers(self.url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis to use as the broker: the one on 6379 if it answers, else one we start."""
+    from django.conf import settings
+
+    if redis_answers(settings.REDIS_URL):
+        yield settings.REDIS_URL
+        return
+    server = RedisServer()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tracker() -> Iterator[StandInTracker]:
+    """A stand-in tracking server on 127.0.0.1."""
+    with StandInTracker() as server:
+        yield server
+
+
+def km_config(**overrides: Any) -> dict[str, Any]:
+    from django.conf import settings
+
+    return {**settings.KISSMETRICS, **overrides}
+
+
+@pytest.fixture
+def km_settings() -> Iterator[Any]:
+    """``km_settings(**keys)`` overrides KISSMETRICS keys for the rest of the test."""
+    stack: list[Any] = []
+
+    def apply(**overrides: Any) -> None:
+        ctx = override_settings(KISSMETRICS=km_config(**overrides))
+        ctx.enable()
+        stack.append(ctx)
+
+    yield apply
+    for ctx in reversed(stack):
+        ctx.disable()
+
+
+@pytest.fixture
+def celery_app(redis_url: str) -> Iterator[Any]:
+    from tests.celery_app import app
+
+    app.conf.broker_url = redis_url
+    app.conf.broker_connection_retry_on_startup = True
+    app.set_current()
+    app.set_default()
+    redis = __import__("redis").Redis.from_url(redis_url)
+    redis.delete("celery", "unacked", "unacked_index")
+    yield app
+
+
+@pytest.fixture
+def celery_worker(celery_app: Any) -> Iterator[Any]:
+    """A real Celery worker, in this process, consuming from the real Redis broker."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        celery_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=10
+    ) as worker:
+        yield worker

@@ -1,0 +1,233 @@
+"""The km_ai cookie and the current person, through the real middleware stack."""
+
+from __future__ import annotations
+
+import base64
+import re
+from http.cookies import SimpleCookie
+from urllib.parse import quote, unquote
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from django_kissmetrics.commands import Command
+from django_kissmetrics.identity import (
+    cookie_domain,
+    decode_cookie,
+    encode_cookie,
+    is_anonymous_id,
+    new_anonymous_id,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def raw_set_cookie(response: object, name: str = "km_ai") -> str:
+    header = response.cookies[name].output(header="")  # type: ignore[attr-defined]
+    return str(header).strip()
+
+
+def test_new_ids_are_base64_of_20_random_bytes() -> None:
+    ids = {new_anonymous_id() for _ in range(200)}
+    assert len(ids) == 200
+    for value in ids:
+        assert len(value) == 28
+        assert len(base64.b64decode(value, validate=True)) == 20
+
+
+def test_cookie_encoding_is_encode_uri_component() -> None:
+    assert encode_cookie("ab+/=") == "ab%2B%2F%3D"
+    assert encode_cookie("a!~*'()b") == "a!~*'()b"
+    assert decode_cookie("ab%2B%2F%3D") == "ab+/="
+    assert decode_cookie("ab+c") == "ab+c"  # "+" is data, not a space.
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", '"abc="', "abc def", "<script>", "a" * 256, quote("ab;c"), "%ZZ", "abc%00", "é"],
+)
+def test_implausible_cookie_values_are_rejected(raw: str) -> None:
+    assert decode_cookie(raw) is None
+
+
+def test_anonymous_id_alphabet() -> None:
+    assert is_anonymous_id("Az09+/=")
+    assert not is_anonymous_id("Az-_")
+
+
+@pytest.mark.parametrize(
+    ("host", "configured", "expected"),
+    [
+        ("www.shop.test", None, "www.shop.test"),
+        ("www.shop.test:8000", None, "www.shop.test"),
+        ("www.shop.test", ".shop.test", ".shop.test"),
+        ("localhost:8000", None, None),
+        ("app.localhost", None, None),
+        ("127.0.0.1:8000", None, None),
+        ("[::1]:8000", None, None),
+        ("testserver", None, None),
+    ],
+)
+def test_cookie_domain(host: str, configured: str | None, expected: str | None) -> None:
+    assert cookie_domain(host, configured) == expected
+
+
+def test_first_visit_gets_km_ai_in_the_library_form(client: Client) -> None:
+    response = client.get("/nothing/", HTTP_HOST="www.shop.test")
+    header = raw_set_cookie(response)
+    value = header.split(";")[0].split("=", 1)[1]
+    assert '"' not in header
+    assert re.fullmatch(r"[A-Za-z0-9%]+", value)
+    anonymous = unquote(value)
+    assert len(anonymous) == 28
+    assert is_anonymous_id(anonymous)
+    assert "Domain=www.shop.test" in header
+    assert "Path=/" in header
+    assert "SameSite=Lax" in header
+    assert "HttpOnly" not in header
+    assert "Secure" not in header
+    assert f"Max-Age={5 * 365 * 24 * 3600}" in header
+
+
+def test_https_cookie_is_secure(client: Client) -> None:
+    response = client.get("/nothing/", secure=True, HTTP_HOST="www.shop.test")
+    assert "Secure" in raw_set_cookie(response)
+
+
+def test_localhost_gets_a_host_only_cookie(client: Client) -> None:
+    response = client.get("/nothing/", HTTP_HOST="localhost:8000")
+    assert "Domain" not in raw_set_cookie(response)
+
+
+def test_valid_cookie_is_kept_and_used(client: Client, km_outbox: list[Command]) -> None:
+    anonymous = new_anonymous_id()
+    client.cookies["km_ai"] = encode_cookie(anonymous)
+    response = client.get("/record/?event=Viewed")
+    assert "km_ai" not in response.cookies
+    (command,) = km_outbox
+    assert command.person == anonymous
+
+
+@pytest.mark.parametrize("garbage", ["", "<script>alert(1)</script>", "x" * 4000, "%E0%A4%A", "a b"])
+def test_garbage_cookie_is_replaced_without_a_500(
+    client: Client, km_outbox: list[Command], garbage: str
+) -> None:
+    client.cookies["km_ai"] = garbage
+    response = client.get("/record/")
+    assert response.status_code == 200
+    fresh = unquote(response.cookies["km_ai"].value)
+    assert is_anonymous_id(fresh)
+    assert fresh != garbage
+    assert km_outbox[0].person == fresh
+
+
+def test_km_ni_from_the_browser_is_never_trusted(
+    client: Client, km_outbox: list[Command]
+) -> None:
+    client.cookies["km_ni"] = "ceo@bank.example"
+    client.get("/record/")
+    assert km_outbox[0].person != "ceo@bank.example"
+
+
+@pytest.mark.parametrize("header", [{"HTTP_DNT": "1"}, {"HTTP_SEC_GPC": "1"}])
+def test_do_not_track(client: Client, km_outbox: list[Command], header: dict[str, str]) -> None:
+    response = client.get("/record/", **header)
+    assert response.status_code == 200
+    assert "km_ai" not in response.cookies
+    assert km_outbox == []
+    page = client.get("/", **header)
+    assert b"_kmq" not in page.content
+
+
+def test_do_not_track_can_be_ignored(
+    client: Client, km_outbox: list[Command], km_settings: object
+) -> None:
+    km_settings(HONOR_DNT=False, BACKEND="locmem")  # type: ignore[operator]
+    client.get("/record/", HTTP_DNT="1")
+    assert len(km_outbox) == 1
+
+
+def test_excluded_paths_and_bots(client: Client, km_outbox: list[Command]) -> None:
+    response = client.get("/admin/thing/")
+    assert "km_ai" not in response.cookies
+    response = client.get("/record/", HTTP_USER_AGENT="Mozilla/5.0 (compatible; Googlebot/2.1)")
+    assert "km_ai" not in response.cookies
+    assert km_outbox == []
+
+
+def test_no_api_key_no_cookie_no_tracking(client: Client, km_settings: object) -> None:
+    from django_kissmetrics.testing import outbox
+
+    km_settings(API_KEY=None)  # type: ignore[operator]
+    response = client.get("/record/")
+    assert "km_ai" not in response.cookies
+    assert outbox == []
+
+
+def test_one_request_is_one_delivery(client: Client, km_settings: object) -> None:
+    km_settings(BACKEND="tests.backends.CountingBackend")  # type: ignore[operator]
+    from tests.backends import CountingBackend
+
+    CountingBackend.calls.clear()
+    client.get("/record/?event=A")
+    client.get("/nothing/")
+    assert [len(c) for c in CountingBackend.calls] == [1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_committed_transactions_are_tracked(
+    client: Client, km_outbox: list[Command]
+) -> None:
+    client.get("/atomic/")
+    assert [c.name for c in km_outbox] == ["Before", "Committed"]
+
+
+def test_view_error_still_delivers_and_answers_500(km_outbox: list[Command]) -> None:
+    client = Client(raise_request_exception=False)
+    assert client.get("/boom/").status_code == 500
+    assert [c.name for c in km_outbox] == ["Before Error"]
+
+
+def test_logged_in_user_is_their_identity(client: Client, km_outbox: list[Command]) -> None:
+    user = User.objects.create_user("ann", password="pw")
+    client.force_login(user)
+    km_outbox.clear()
+    client.get("/record/")
+    assert km_outbox[-1].person == str(user.pk)
+
+
+def test_identity_function_setting(
+    client: Client, km_outbox: list[Command], km_settings: object
+) -> None:
+    km_settings(BACKEND="locmem", IDENTITY="tests.backends.email_identity")  # type: ignore[operator]
+    user = User.objects.create_user("bea", email="bea@example.com", password="pw")
+    client.force_login(user)
+    km_outbox.clear()
+    client.get("/record/")
+    assert km_outbox[-1].person == "bea@example.com"
+
+
+def test_anonymous_identity_costs_no_query(
+    client: Client, km_outbox: list[Command], django_assert_num_queries: object
+) -> None:
+    with django_assert_num_queries(0):  # type: ignore[operator]
+        client.get("/record/")
+        client.get("/")
+    assert len(km_outbox) == 1
+
+
+def test_logged_in_identity_costs_nothing_beyond_auth(
+    client: Client, km_outbox: list[Command], django_assert_num_queries: object
+) -> None:
+    user = User.objects.create_user("cy", password="pw")
+    client.force_login(user)
+    client.get("/user/")  # Warm up: last_login and the like.
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as baseline:
+        client.get("/user/")
+    with django_assert_num_queries(len(baseline)):  # type: ignore[operator]
+        client.get("/record/?event=X")
+    assert km_outbox[-1].person == str(user.pk)

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from allauth.account.views import SignupView
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.page, name="page"),
+    path("record/", views.record, name="record"),
+    path("async-record/", views.async_record),
+    path("nothing/", views.nothing),
+    path("user/", views.user_page),
+    path("js/", views.browser_then_redirect),
+    path("atomic/", views.atomic),
+    path("signup/", views.signup),
+    path("boom/", views.boom),
+    path("admin/thing/", views.record),
+    path("login/", auth_views.LoginView.as_view(template_name="login.html")),
+    path("logout/", auth_views.LogoutView.as_view()),
+    path("accounts/signup/", SignupView.as_view(), name="account_signup"),
+]
