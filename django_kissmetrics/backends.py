@@ -84,7 +84,7 @@ class CeleryBackend(BaseBackend):
     With ``PUBLISH = "inline"`` the message is published in the calling thread instead.
     """
 
-    @property  # type: ignore[override]
+    @property
     def blocking(self) -> bool:  # type: ignore[override]
         """Only inline publishing waits on the broker."""
         return get_settings().PUBLISH == "inline"

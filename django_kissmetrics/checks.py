@@ -28,7 +28,7 @@ def _celery_problem() -> CheckMessage | None:
             id="django_kissmetrics.E003",
         )
     app = _state.get_current_app()
-    if app is _state.default_app and app.main == "default":
+    if app is getattr(_state, "default_app", None) and app.main == "default":
         return Warning(
             'KISSMETRICS["BACKEND"] is "celery" but no Celery app is loaded.',
             hint="Create your Celery app in proj/celery.py and import it in proj/__init__.py "

@@ -88,9 +88,7 @@ class KissmetricsClient:
     anything else raises :class:`~django_kissmetrics.exceptions.TrackingError`.
     """
 
-    def __init__(
-        self, key: str, *, url: str = DEFAULT_TRACKING_URL, timeout: float = 5.0
-    ) -> None:
+    def __init__(self, key: str, *, url: str = DEFAULT_TRACKING_URL, timeout: float = 5.0) -> None:
         if not key:
             raise ValueError("KissmetricsClient needs an API key")
         self.key = key

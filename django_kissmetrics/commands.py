@@ -109,9 +109,7 @@ def to_timestamp(value: dt.datetime | float | int | str | None) -> int:
     try:
         return int(float(value))
     except (TypeError, ValueError):
-        raise TypeError(
-            f"timestamp must be a datetime or Unix seconds, not {value!r}"
-        ) from None
+        raise TypeError(f"timestamp must be a datetime or Unix seconds, not {value!r}") from None
 
 
 def _clean_text(text: str) -> str:
@@ -179,9 +177,7 @@ def _properties(
     if properties is None:
         properties = {}
     if not isinstance(properties, Mapping):
-        raise TypeError(
-            f"Kissmetrics properties must be a dict, not {type(properties).__name__}"
-        )
+        raise TypeError(f"Kissmetrics properties must be a dict, not {type(properties).__name__}")
     out: dict[str, str] = {}
     when: Any = timestamp
     for raw_name, value in properties.items():

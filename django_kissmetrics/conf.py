@@ -123,11 +123,7 @@ def _error(key: str, problem: str) -> ConfigurationError:
 def _check_type(key: str, value: Any) -> None:
     types = _TYPES[key]
     # bool is an int in Python, but True is never a sensible timeout or retry count.
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(value, types)
-    if not ok:
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
         raise _error(key, f"must be {names}, not {type(value).__name__} ({value!r})")
 
@@ -137,9 +133,7 @@ def load(user: Any) -> Settings:
     if user is None:
         user = {}
     if not isinstance(user, dict):
-        raise ConfigurationError(
-            f"settings.KISSMETRICS must be a dict, not {type(user).__name__}"
-        )
+        raise ConfigurationError(f"settings.KISSMETRICS must be a dict, not {type(user).__name__}")
     unknown = sorted(set(user) - set(DEFAULTS))
     if unknown:
         raise _error(unknown[0], f"is not a known key; the keys are {', '.join(DEFAULTS)}")

@@ -30,7 +30,12 @@ def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
     if not commands:
         return []
     conf = get_settings()
-    return client().send_many(commands, concurrency=conf.DELIVERY_CONCURRENCY)
+    api = client()
+    # Aliases go first, so that a batch's events land on a person already joined.
+    aliases = [c for c in commands if c.kind == "alias"]
+    others = [c for c in commands if c.kind != "alias"]
+    failures = api.send_many(aliases, concurrency=1)
+    return failures + api.send_many(others, concurrency=conf.DELIVERY_CONCURRENCY)
 
 
 def give_up(commands: Sequence[Command], error: BaseException | None, reason: str) -> None:

@@ -144,8 +144,10 @@ class KissmetricsMiddleware:
         finally:
             _current.reset(token)
         backend = get_backend()
-        if tracker.has_deferred or (tracker.browser and not tracker.browser_rendered) or getattr(
-            backend, "blocking", True
+        if (
+            tracker.has_deferred
+            or (tracker.browser and not tracker.browser_rendered)
+            or getattr(backend, "blocking", True)
         ):
             # Resolving a user, writing the session or a blocking delivery touch the
             # database or the network: not on the event loop.

@@ -38,8 +38,8 @@ def publish(commands: Sequence[Command]) -> None:
     conf = get_settings()
     try:
         deliver.apply_async(
-            args=[[c.to_dict() for c in commands]],
-            queue=conf.CELERY_QUEUE,
+            args=([c.to_dict() for c in commands],),
+            queue=conf.CELERY_QUEUE,  # type: ignore[arg-type]  # None: the default queue.
             # Celery's default retry policy holds the caller for seconds when the broker
             # is down; fail fast instead and fall back below.
             retry=True,
@@ -110,7 +110,7 @@ class Publisher:
                 elif isinstance(item, threading.Event):
                     waiters.append(item)
                 else:
-                    batch.extend(item)  # type: ignore[call-overload]
+                    batch.extend(item)  # type: ignore[arg-type]
                 if stop or waiters or len(batch) >= MAX_BATCH:
                     break
                 remaining = deadline - time.monotonic()

@@ -71,7 +71,7 @@ def on_user_created(sender: Any, instance: Any, created: bool = False, **kwargs:
 
 def _custom_identity() -> bool:
     # With the default identity (the primary key) an identity never changes.
-    return get_settings().IDENTITY != DEFAULTS["IDENTITY"]
+    return bool(DEFAULTS["IDENTITY"] != get_settings().IDENTITY)
 
 
 def remember_identity(sender: Any, instance: Any, **kwargs: Any) -> None:

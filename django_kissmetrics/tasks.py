@@ -58,7 +58,7 @@ def deliver(self: Task[Any, Any], commands: list[dict[str, Any]]) -> int:
         return len(batch) - len(failures)
     retry_after = max((e.retry_after or 0.0) for _, e in retriable) or None
     raise self.retry(
-        args=[[c.to_dict() for c, _ in retriable]],
+        args=([c.to_dict() for c, _ in retriable],),
         countdown=backoff(retries, retry_after),
         exc=error,
     )

@@ -37,6 +37,7 @@ __all__ = ["BrowserCommands", "RequestTracker", "Tracker", "current_tracker", "k
 Timestamp = "dt.datetime | float | int | None"
 SESSION_IDENTITY = "_km_identity"
 SESSION_BROWSER = "_km_browser"
+SESSION_ALIASED = "_km_aliased"
 
 _current: ContextVar[RequestTracker | None] = ContextVar("kissmetrics_tracker", default=None)
 _batch: ContextVar[list[Command] | None] = ContextVar("kissmetrics_batch", default=None)
@@ -99,9 +100,7 @@ def _browser_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:
     if properties is None:
         return {}
     if not isinstance(properties, Mapping):
-        raise TypeError(
-            f"Kissmetrics properties must be a dict, not {type(properties).__name__}"
-        )
+        raise TypeError(f"Kissmetrics properties must be a dict, not {type(properties).__name__}")
     return {
         cmd._truncate(cmd._clean_text(str(k)), cmd.MAX_NAME_LENGTH, "property name"): v
         for k, v in properties.items()
@@ -362,9 +361,17 @@ class RequestTracker(Tracker):
 
     def _alias_once(self, named: str) -> None:
         anonymous = self.anonymous_id
-        if anonymous and anonymous != named and (anonymous, named) not in self._aliased:
-            self._aliased.add((anonymous, named))
-            self._emit(cmd.make_alias(anonymous, named))
+        if not anonymous or anonymous == named or (anonymous, named) in self._aliased:
+            return
+        self._aliased.add((anonymous, named))
+        # Remembered in the session too: logging in again the next day is not a new join.
+        session = getattr(self.request, "session", None)
+        pair = [anonymous, named]
+        if session is not None:
+            if session.get(SESSION_ALIASED) == pair:
+                return
+            session[SESSION_ALIASED] = pair
+        self._emit(cmd.make_alias(anonymous, named))
 
     def _allowed(self, *, explicit: bool) -> bool:
         if not get_settings().enabled:

@@ -56,8 +56,17 @@ class RedisServer:
         if binary is None:
             need("redis-server is not installed (apt-get install redis-server)")
         self.process = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+            [
+                str(binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -118,7 +127,7 @@ def km_settings() -> Iterator[Any]:
 
 
 @pytest.fixture
-def celery_app(redis_url: str) -> Iterator[Any]:
+def celery_app(redis_url: str) -> Any:
     from tests.celery_app import app
 
     app.conf.broker_url = redis_url
@@ -127,7 +136,7 @@ def celery_app(redis_url: str) -> Iterator[Any]:
     app.set_default()
     redis = __import__("redis").Redis.from_url(redis_url)
     redis.delete("celery", "unacked", "unacked_index")
-    yield app
+    return app
 
 
 @pytest.fixture

@@ -125,9 +125,7 @@ class TestSameQueryAsPyKissmetrics:
         theirs = reference.record(
             "KEY", "bob@example.com", "Signed Up", timestamp=1234567890, properties=properties
         )
-        mine = ours.url_for(
-            make_record("bob@example.com", "Signed Up", properties, 1234567890)
-        )
+        mine = ours.url_for(make_record("bob@example.com", "Signed Up", properties, 1234567890))
         assert self.params_of(mine) == self.params_of(theirs)
         assert urlsplit(mine).path == urlsplit(theirs).path
 

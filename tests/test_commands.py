@@ -85,7 +85,7 @@ def test_long_input_is_truncated_with_a_warning(caplog: pytest.LogCaptureFixture
     command = make_record("i" * 300, "e" * 300, {"n" * 300: "é" * 5000})
     assert len(command.person) == 255
     assert len(command.name or "") == 255
-    (name, value), = command.properties.items()
+    ((name, value),) = command.properties.items()
     assert len(name) == 255
     assert len(value.encode()) <= 8192
     assert value == "é" * 4096

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import re
-from http.cookies import SimpleCookie
 from urllib.parse import quote, unquote
 
 import pytest
@@ -109,7 +108,9 @@ def test_valid_cookie_is_kept_and_used(client: Client, km_outbox: list[Command])
     assert command.person == anonymous
 
 
-@pytest.mark.parametrize("garbage", ["", "<script>alert(1)</script>", "x" * 4000, "%E0%A4%A", "a b"])
+@pytest.mark.parametrize(
+    "garbage", ["", "<script>alert(1)</script>", "x" * 4000, "%E0%A4%A", "a b"]
+)
 def test_garbage_cookie_is_replaced_without_a_500(
     client: Client, km_outbox: list[Command], garbage: str
 ) -> None:
@@ -122,9 +123,7 @@ def test_garbage_cookie_is_replaced_without_a_500(
     assert km_outbox[0].person == fresh
 
 
-def test_km_ni_from_the_browser_is_never_trusted(
-    client: Client, km_outbox: list[Command]
-) -> None:
+def test_km_ni_from_the_browser_is_never_trusted(client: Client, km_outbox: list[Command]) -> None:
     client.cookies["km_ni"] = "ceo@bank.example"
     client.get("/record/")
     assert km_outbox[0].person != "ceo@bank.example"
@@ -176,9 +175,7 @@ def test_one_request_is_one_delivery(client: Client, km_settings: object) -> Non
 
 
 @pytest.mark.django_db(transaction=True)
-def test_only_committed_transactions_are_tracked(
-    client: Client, km_outbox: list[Command]
-) -> None:
+def test_only_committed_transactions_are_tracked(client: Client, km_outbox: list[Command]) -> None:
     client.get("/atomic/")
     assert [c.name for c in km_outbox] == ["Before", "Committed"]
 

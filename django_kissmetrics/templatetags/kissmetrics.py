@@ -69,4 +69,4 @@ def kissmetrics_js(context: template.Context) -> SafeString | str:
     except Exception:
         logger.exception("Kissmetrics: could not render {% kissmetrics_js %}")
         return ""
-    return mark_safe(f"<script{attr}>\n" + "\n".join(lines) + "\n</script>")  # noqa: S308
+    return mark_safe(f"<script{attr}>\n" + "\n".join(lines) + "\n</script>")

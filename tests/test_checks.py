@@ -1,0 +1,82 @@
+"""System checks with stable ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from django_kissmetrics.checks import MIDDLEWARE, check_settings
+
+
+def ids(**overrides: Any) -> list[str]:
+    with override_settings(**overrides):
+        return [m.id or "" for m in check_settings()]
+
+
+def test_the_test_settings_pass() -> None:
+    assert ids() == []
+
+
+def test_middleware_missing() -> None:
+    middleware = [m for m in settings.MIDDLEWARE if m != MIDDLEWARE]
+    assert ids(MIDDLEWARE=middleware) == ["django_kissmetrics.W001"]
+
+
+def test_middleware_before_authentication() -> None:
+    middleware = [MIDDLEWARE, *[m for m in settings.MIDDLEWARE if m != MIDDLEWARE]]
+    assert ids(MIDDLEWARE=middleware) == ["django_kissmetrics.E002", "django_kissmetrics.E002"]
+
+
+def test_no_api_key_warns() -> None:
+    assert ids(KISSMETRICS={"BACKEND": "locmem"}) == ["django_kissmetrics.W002"]
+
+
+@pytest.mark.parametrize("url", ["ftp://trk.example", "trk.kissmetrics.io", "javascript:x"])
+def test_tracking_url_must_be_http(url: str) -> None:
+    assert ids(KISSMETRICS={"API_KEY": "k", "BACKEND": "locmem", "TRACKING_URL": url}) == [
+        "django_kissmetrics.E001"
+    ]
+
+
+def test_unknown_key_is_an_error_naming_it() -> None:
+    with override_settings(KISSMETRICS={"API_KEY": "k", "COOKIE_NAM": "x"}):
+        (message,) = check_settings()
+    assert message.id == "django_kissmetrics.E001"
+    assert "'COOKIE_NAM'" in message.msg
+
+
+def test_celery_backend_needs_a_celery_app() -> None:
+    from celery import _state
+
+    from tests.celery_app import app
+
+    previous = _state._tls.current_app
+    _state._tls.current_app = None
+    default = _state.default_app
+    _state.default_app = None
+    try:
+        assert ids(KISSMETRICS={"API_KEY": "k", "BACKEND": "celery"}) == ["django_kissmetrics.W003"]
+        app.set_current()
+        assert ids(KISSMETRICS={"API_KEY": "k", "BACKEND": "celery"}) == []
+    finally:
+        _state._tls.current_app = previous
+        _state.default_app = default
+
+
+def test_bad_backend_path_is_a_clear_error(km_settings: Any) -> None:
+    from django_kissmetrics import ConfigurationError
+    from django_kissmetrics.backends import get_backend
+
+    km_settings(BACKEND="tests.nowhere.Backend")
+    with pytest.raises(ConfigurationError, match="cannot be imported"):
+        get_backend()
+    km_settings(BACKEND="tests.backends.email_identity")
+    with pytest.raises(ConfigurationError, match="not a BaseBackend subclass"):
+        get_backend()
+
+
+def test_pytest_plugin_is_registered(pytestconfig: pytest.Config) -> None:
+    assert pytestconfig.pluginmanager.has_plugin("django_kissmetrics")

@@ -1,0 +1,301 @@
+"""One person from the anonymous visit to the signed-up customer, through real views.
+
+The ``sync`` backend sends each request's commands over real HTTP to a stand-in
+tracker, so these tests see exactly what Kissmetrics would receive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.contrib.auth.models import User
+from django.db.models.signals import post_save
+from django.test import Client
+
+from django_kissmetrics import km
+from django_kissmetrics.commands import Command
+from django_kissmetrics.receivers import on_user_created
+from django_kissmetrics.testing import Hit, StandInTracker
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def live(tracker: StandInTracker, km_settings: Callable[..., None]) -> StandInTracker:
+    km_settings(BACKEND="sync", TRACKING_URL=tracker.url)
+    return tracker
+
+
+def anonymous_id(client: Client) -> str:
+    client.get("/nothing/")
+    return unquote(client.cookies["km_ai"].value)
+
+
+def summary(hits: list[Hit]) -> list[tuple[str, str, str | None]]:
+    return [(h.path, h.person, h.name) for h in hits]
+
+
+def test_login_through_the_real_login_view(client: Client, live: StandInTracker) -> None:
+    user = User.objects.create_user("ann", password="secret-pw")
+    anon = anonymous_id(client)
+    client.get("/record/?event=Viewed+Pricing")
+    response = client.post("/login/", {"username": "ann", "password": "secret-pw"})
+    assert response.status_code == 302
+    client.get("/record/?event=Bought")
+    me = str(user.pk)
+    assert summary(live.hits) == [
+        ("/e", anon, "Viewed Pricing"),
+        ("/a", anon, me),
+        ("/e", me, "Logged In"),
+        ("/e", me, "Bought"),
+    ]
+    assert all(h.params["_d"] == "1" for h in live.hits if h.path == "/e")
+
+
+def test_second_login_in_the_same_session_does_not_alias_again(
+    client: Client, live: StandInTracker
+) -> None:
+    User.objects.create_user("ann", password="secret-pw")
+    anonymous_id(client)
+    client.post("/login/", {"username": "ann", "password": "secret-pw"})
+    client.post("/login/", {"username": "ann", "password": "secret-pw"})
+    assert [h.path for h in live.hits] == ["/a", "/e", "/e"]
+
+
+def test_login_event_can_be_turned_off(
+    client: Client, live: StandInTracker, km_settings: Callable[..., None]
+) -> None:
+    km_settings(BACKEND="sync", TRACKING_URL=live.url, LOGIN_EVENT=None)
+    User.objects.create_user("ann", password="secret-pw")
+    anonymous_id(client)
+    client.post("/login/", {"username": "ann", "password": "secret-pw"})
+    assert [h.path for h in live.hits] == ["/a"]
+
+
+def test_allauth_signup_aliases_once_and_records_signed_up_once(
+    client: Client, live: StandInTracker
+) -> None:
+    anon = anonymous_id(client)
+    response = client.post(
+        "/accounts/signup/",
+        {
+            "username": "newbie",
+            "password1": "a-long-pass-phrase-42",
+            "password2": "a-long-pass-phrase-42",
+        },
+    )
+    assert response.status_code == 302, response.content[:500]
+    user = User.objects.get(username="newbie")
+    me = str(user.pk)
+    aliases = [h for h in live.hits if h.path == "/a"]
+    events = [h.name for h in live.hits if h.path == "/e"]
+    assert [(h.person, h.name) for h in aliases] == [(anon, me)]
+    assert events.count("Signed Up") == 1
+    assert all(h.person == me for h in live.hits if h.path == "/e")
+    client.get("/record/?event=Bought")
+    assert live.hits[-1].person == me
+
+
+@pytest.fixture
+def plain_signup() -> Any:
+    """Sites without allauth: a user created in a visitor's request is a signup."""
+    from django.contrib.auth import get_user_model
+
+    post_save.connect(on_user_created, sender=get_user_model(), dispatch_uid="test-signup")
+    yield
+    post_save.disconnect(sender=get_user_model(), dispatch_uid="test-signup")
+
+
+@pytest.mark.usefixtures("plain_signup")
+def test_signup_then_automatic_login(client: Client, live: StandInTracker) -> None:
+    anon = anonymous_id(client)
+    client.post("/signup/", {"username": "zed", "password": "pw"})
+    me = str(User.objects.get(username="zed").pk)
+    # One request's events are delivered concurrently, after its aliases.
+    assert summary(live.hits)[0] == ("/a", anon, me)
+    assert sorted(summary(live.hits)[1:]) == [("/e", me, "Logged In"), ("/e", me, "Signed Up")]
+
+
+@pytest.mark.usefixtures("plain_signup")
+def test_staff_creating_a_user_is_not_a_signup(client: Client, km_outbox: list[Command]) -> None:
+    staff = User.objects.create_user("boss", password="pw")
+    client.force_login(staff)
+    km_outbox.clear()
+    client.post("/signup/", {"username": "employee", "password": "pw"})
+    assert "Signed Up" not in [c.name for c in km_outbox]
+
+
+def test_logout_renews_the_anonymous_id(client: Client, live: StandInTracker) -> None:
+    user = User.objects.create_user("ann", password="secret-pw")
+    first = anonymous_id(client)
+    client.post("/login/", {"username": "ann", "password": "secret-pw"})
+    client.cookies["km_ni"] = str(user.pk)
+    response = client.post("/logout/")
+    fresh = unquote(response.cookies["km_ai"].value)
+    assert fresh != first
+    assert response.cookies["km_ni"].value == ""  # Deleted.
+    page = client.get("/")
+    assert b'_kmq.push(["clearIdentity"]);' in page.content
+    assert b'"identify"' not in page.content
+    client.get("/record/?event=Next+Visitor")
+    assert live.hits[-1].person == fresh
+    assert b"clearIdentity" not in client.get("/").content  # Once.
+
+
+def test_identify_holds_for_the_session(client: Client, live: StandInTracker) -> None:
+    from django.urls import path
+
+    anon = anonymous_id(client)
+    from tests import urls
+
+    def newsletter(request: Any) -> Any:
+        from django.http import HttpResponse
+
+        km.identify("reader@example.com")
+        km.record("Subscribed")
+        return HttpResponse("ok")
+
+    urls.urlpatterns.append(path("newsletter/", newsletter))
+    from django.urls import clear_url_caches
+
+    clear_url_caches()
+    try:
+        client.get("/newsletter/")
+        client.get("/record/?event=Later")
+    finally:
+        urls.urlpatterns.pop()
+        clear_url_caches()
+    assert summary(live.hits) == [
+        ("/a", anon, "reader@example.com"),
+        ("/e", "reader@example.com", "Subscribed"),
+        ("/e", "reader@example.com", "Later"),
+    ]
+
+
+def test_identity_change_is_aliased(km_outbox: list[Command], km_settings: Any) -> None:
+    km_settings(BACKEND="locmem", IDENTITY="tests.backends.email_identity")
+    user = User.objects.create_user("ann", email="old@example.com")
+    user = User.objects.get(pk=user.pk)
+    user.email = "new@example.com"
+    user.save()
+    user.first_name = "Ann"
+    user.save()
+    assert [(c.kind, c.person, c.name) for c in km_outbox] == [
+        ("alias", "old@example.com", "new@example.com")
+    ]
+
+
+class TestOutsideRequests:
+    def test_identity_is_required(self, km_outbox: list[Command]) -> None:
+        with pytest.raises(ValueError, match="pass identity="):
+            km.record("Renewed")
+        with pytest.raises(ValueError, match="identify"):
+            km.identify("x")
+        with pytest.raises(ValueError, match="needs a request"):
+            km.js.record("x")
+
+    def test_with_identity_each_call_is_sent(self, km_settings: Any) -> None:
+        from tests.backends import CountingBackend
+
+        km_settings(BACKEND="tests.backends.CountingBackend")
+        CountingBackend.calls.clear()
+        km.record("Renewed", {"plan": "pro"}, identity="42", timestamp=1234567890)
+        km.set({"plan": "pro"}, identity="42")
+        km.alias("42", "ann@example.com")
+        assert [[(c.kind, c.person) for c in call] for call in CountingBackend.calls] == [
+            [("record", "42")],
+            [("set", "42")],
+            [("alias", "42")],
+        ]
+        assert CountingBackend.calls[0][0].timestamp == 1234567890
+
+    def test_batch_is_one_delivery(self, km_settings: Any) -> None:
+        from tests.backends import CountingBackend
+
+        km_settings(BACKEND="tests.backends.CountingBackend")
+        CountingBackend.calls.clear()
+        with km.batch():
+            for n in range(5):
+                km.record("Renewed", identity=str(n))
+            with km.batch():
+                km.set({"x": 1}, identity="9")
+        assert [len(call) for call in CountingBackend.calls] == [6]
+
+    def test_no_api_key_sends_nothing_and_raises_nothing(self, km_settings: Any) -> None:
+        from django_kissmetrics.testing import outbox
+
+        km_settings(API_KEY=None)
+        km.record("Renewed", identity="42")
+        assert outbox == []
+
+
+def test_km_outbox_fixture_for_users_tests(client: Client, km_outbox: list[Command]) -> None:
+    client.get('/record/?event=Viewed+Pricing&props={"plan":"pro"}')
+    (command,) = km_outbox
+    assert command.name == "Viewed Pricing"
+    assert command.properties == {"plan": "pro"}
+
+
+class TestAsync:
+    """Async views, the async test client and a bare ASGI application."""
+
+    def test_async_view_under_async_client(self, async_client: Any, km_outbox: Any) -> None:
+        response = async_to_sync(async_client.get)("/async-record/")
+        assert response.status_code == 200
+        (command,) = km_outbox
+        assert command.name == "Async Event"
+        assert command.person == unquote(response.cookies["km_ai"].value)
+
+    def test_logged_in_async_view(self, async_client: Any, km_outbox: Any) -> None:
+        user = User.objects.create_user("asy", password="pw")
+        async_client.force_login(user)
+        km_outbox.clear()
+        async_to_sync(async_client.get)("/async-record/")
+        assert km_outbox[-1].person == str(user.pk)
+
+    def test_asgi_application(self, km_outbox: Any) -> None:
+        import asyncio
+
+        from django.core.asgi import get_asgi_application
+
+        app = get_asgi_application()
+        sent: list[dict[str, Any]] = []
+
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # The client never disconnects early.
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/record/",
+            "raw_path": b"/record/",
+            "query_string": b"event=ASGI",
+            "root_path": "",
+            "headers": [(b"host", b"www.shop.test")],
+            "client": ("127.0.0.1", 1234),
+            "server": ("www.shop.test", 80),
+        }
+        asyncio.run(app(scope, receive, send))
+        start = sent[0]
+        assert start["status"] == 200
+        cookies = [v.decode() for k, v in start["headers"] if k == b"Set-Cookie"]
+        (cookie,) = [c for c in cookies if c.startswith("km_ai=")]
+        assert "Domain=www.shop.test" in cookie
+        (command,) = km_outbox
+        assert command.name == "ASGI"
+        assert command.person == unquote(cookie.split(";")[0].split("=", 1)[1])
