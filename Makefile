@@ -16,7 +16,7 @@ setup: $(BIN)/.installed
 
 demo: setup
 	cd example_project && ../$(BIN)/python manage.py migrate --noinput -v 0
-	cd example_project && ../$(BIN)/python manage.py runserver 127.0.0.1:$(PORT)
+	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/python manage.py runserver 127.0.0.1:$(PORT)
 
 test: setup
 	$(BIN)/python -m pytest
@@ -32,7 +32,7 @@ bench: setup
 	$(BIN)/python benchmarks/soak.py
 
 worker: setup
-	cd example_project && ../$(BIN)/celery -A demo worker -l info
+	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/celery -A demo worker -l info
 
 clean:
-	rm -rf $(VENV) build *.egg-info example_project/db.sqlite3
+	rm -rf $(VENV) build *.egg-info example_project/db.sqlite3*

@@ -37,7 +37,7 @@ def publish(commands: Sequence[Command]) -> None:
 
     conf = get_settings()
     try:
-        deliver.apply_async(
+        result = deliver.apply_async(
             args=([c.to_dict() for c in commands],),
             queue=conf.CELERY_QUEUE,  # type: ignore[arg-type]  # None: the default queue.
             # Celery's default retry policy holds the caller for seconds when the broker
@@ -45,6 +45,10 @@ def publish(commands: Sequence[Command]) -> None:
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1},
         )
+        if result.failed():
+            # Only an eager run (CELERY_TASK_ALWAYS_EAGER) has failed by now: it swallows
+            # the task's exception into the result.
+            delivery.give_up(commands, result.result, "eager delivery failed")
     except Exception as exc:
         if conf.ON_ENQUEUE_FAILURE == "sync":
             logger.warning("Kissmetrics: could not queue (%s); delivering directly", exc)
@@ -157,4 +161,11 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
-atexit.register(flush)
+# Flush while thread pools still accept work: plain atexit handlers run only after
+# threading has shut them down, and a batch's delivery needs one (eager mode, "sync").
+# This is the hook concurrent.futures itself uses; atexit is the fallback.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(flush)
+else:  # pragma: no cover
+    atexit.register(flush)

@@ -1,0 +1,378 @@
+"""The demo site, used the way a developer trying the package would use it.
+
+The example project runs in its own process (``migrate``, then ``runserver``) with its
+default settings: Celery in eager mode, delivering over HTTP to the stand-in tracker inside
+the demo. A real Chromium browses it as a visitor: home, pricing, sign-up, a purchase,
+log out, log in. The stand-in tracker must then hold one person with every one of those
+events, the anonymous ids joined to the named customer, and the very id the browser's
+``km_ai`` cookie holds.
+
+Set ``DEMO_SCREENSHOTS=docs`` to also write the screenshots of the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+from urllib.request import urlopen
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "example_project"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+# The real Kissmetrics library's hosts: unreachable offline, so refused at once rather
+# than left to a DNS timeout.
+KISSMETRICS_HOSTS = re.compile(r"^https?://[^/]*kissmetrics\.io/")
+USERNAME = "alice"
+PASSWORD = "kanban-ships-fridays-42"
+
+Person = dict[str, Any]
+
+
+def require_chromium() -> None:
+    """Skip without Chromium or Playwright, except under CI, where that is a failure."""
+    reason = ""
+    if not Path(CHROMIUM).exists():
+        reason = f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            reason = "playwright is not installed (pip install playwright)"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def free_port(preferred: int = 0) -> int:
+    """A TCP port nothing listens on right now: ``preferred`` if it is free."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Demo:
+    """The example project running in a subprocess, on its own port and database."""
+
+    def __init__(self, workdir: Path) -> None:
+        # Screenshots show the tracking URL: the one `make demo` shows, when possible.
+        self.port = free_port(8000 if os.environ.get("DEMO_SCREENSHOTS") else 0)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "runserver.log"
+        # The demo's own defaults, not whatever this shell or the test settings carry.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("KISSMETRICS_", "CELERY_", "DJANGO_", "DEMO_"))
+        }
+        env.update(
+            DJANGO_SETTINGS_MODULE="demo.settings",
+            DEMO_PORT=str(self.port),
+            DEMO_DB=str(workdir / "demo.sqlite3"),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            PYTHONUNBUFFERED="1",
+        )
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def manage(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``python manage.py *args`` against the demo's database."""
+        return subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=EXAMPLE,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        """Migrate, start ``runserver`` and wait until it answers."""
+        migrated = self.manage("migrate", "--noinput", "-v", "0")
+        assert migrated.returncode == 0, migrated.stderr
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload"],
+                cwd=EXAMPLE,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urlopen(f"{self.url}/tracker/people.json", timeout=2):
+                    return
+            except (URLError, ConnectionError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"the demo did not start:\n{self.log.read_text()}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop ``runserver``."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def people(self) -> list[Person]:
+        """What the stand-in tracker's page shows, as JSON."""
+        with urlopen(f"{self.url}/tracker/people.json", timeout=5) as response:
+            people: list[Person] = json.load(response)["people"]
+        return people
+
+    def wait_for(self, condition: Callable[[list[Person]], bool], timeout: float = 15) -> Any:
+        """Poll the tracker until ``condition(people)`` holds; return the people."""
+        deadline = time.monotonic() + timeout
+        while True:
+            people = self.people()
+            if condition(people):
+                return people
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    "the stand-in tracker never got there; it holds:\n"
+                    + json.dumps(people, indent=1)
+                    + f"\nrunserver log:\n{self.log.read_text()[-4000:]}"
+                )
+            time.sleep(0.2)
+
+
+def person_named(people: list[Person], name: str) -> Person | None:
+    """The person with the named identity ``name``."""
+    return next((p for p in people if name in p["named"]), None)
+
+
+def has_event(people: list[Person], event: str) -> bool:
+    """Whether the customer has ``event`` yet."""
+    person = person_named(people, USERNAME)
+    return person is not None and any(e["name"] == event for e in person["events"])
+
+
+def recorded(person: Person) -> set[tuple[str, str, str]]:
+    """``(event, identity, source)`` of each of ``person``'s events."""
+    return {(e["name"], e["identity"], e["source"]) for e in person["events"]}
+
+
+@dataclass
+class Journey:
+    """What the browsers saw: each ``km_ai`` as the JavaScript library would read it."""
+
+    first_visit_id: str
+    after_logout_id: str
+    final_id: str
+    cookies_named_km_ai: int
+    shown_identity: str
+    other_visitor_id: str
+
+
+def km_ai(page: Any) -> str:
+    """``km_ai`` read the way the Kissmetrics library reads it: cookie text, decoded."""
+    value: str = page.evaluate(
+        """() => {
+            const pair = document.cookie.split("; ").find((c) => c.startsWith("km_ai="));
+            return pair ? decodeURIComponent(pair.slice(6)) : "";
+        }"""
+    )
+    assert value, "the demo set no km_ai cookie"
+    return value
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """The example project, migrated and serving."""
+    require_chromium()
+    server = Demo(tmp_path_factory.mktemp("demo"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def journey(demo: Demo) -> Journey:
+    """A visitor browses, signs up, buys, logs out and in; another only looks at pricing.
+
+    With ``DEMO_SCREENSHOTS`` set, also takes the README's screenshots on the way.
+    """
+    from playwright.sync_api import sync_playwright
+
+    shots = os.environ.get("DEMO_SCREENSHOTS")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            context.route(KISSMETRICS_HOSTS, lambda route: route.abort())
+            page = context.new_page()
+
+            page.goto(f"{demo.url}/")
+            first_visit_id = km_ai(page)
+            if shots:
+                Path(shots).mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(Path(shots) / "demo-home.png"), full_page=True)
+
+            # Meanwhile, someone else only looks at the prices.
+            other = browser.new_context()
+            other.route(KISSMETRICS_HOSTS, lambda route: route.abort())
+            other_page = other.new_page()
+            other_page.goto(f"{demo.url}/pricing/")
+            other_visitor_id = km_ai(other_page)
+            other.close()
+
+            page.get_by_role("link", name="See pricing").click()
+            page.wait_for_url("**/pricing/")
+            page.locator("[data-plan=pro]").get_by_role("link", name="Start with Pro").click()
+            page.wait_for_url("**/signup/**")
+            page.fill("#id_username", USERNAME)
+            page.fill("#id_password1", PASSWORD)
+            page.fill("#id_password2", PASSWORD)
+            page.get_by_role("button", name="Sign up").click()
+            page.wait_for_url("**/pricing/")
+            page.locator("[data-plan=pro]").get_by_role("button", name="Buy Pro").click()
+            page.wait_for_url("**/account/")
+            # The receipt page sends the browser-side event: let it arrive before leaving.
+            demo.wait_for(lambda people: has_event(people, "Viewed Receipt"))
+            page.get_by_role("button", name="Log out").click()
+            page.wait_for_url(f"{demo.url}/")
+            after_logout_id = km_ai(page)
+            page.get_by_role("link", name="Log in").click()
+            page.fill("#id_username", USERNAME)
+            page.fill("#id_password", PASSWORD)
+            page.get_by_role("button", name="Log in").click()
+            page.wait_for_url("**/pricing/")
+            final_id = km_ai(page)
+            shown_identity = page.locator("[data-km-identity]").inner_text()
+            cookies = [c for c in context.cookies() if c["name"] == "km_ai"]
+
+            if shots:
+                screenshot_tracker(demo, page, Path(shots) / "demo-tracker.png")
+        finally:
+            browser.close()
+    return Journey(
+        first_visit_id=first_visit_id,
+        after_logout_id=after_logout_id,
+        final_id=final_id,
+        cookies_named_km_ai=len(cookies),
+        shown_identity=shown_identity,
+        other_visitor_id=other_visitor_id,
+    )
+
+
+def screenshot_tracker(demo: Demo, page: Any, path: Path) -> None:
+    """The README's picture of the tracker page, once every hit of the journey is in."""
+    demo.wait_for(everything_arrived)
+    page.goto(f"{demo.url}/tracker/")
+    page.screenshot(path=str(path), full_page=True)
+
+
+def everything_arrived(people: list[Person]) -> bool:
+    """The customer's last event of the journey and the other visitor's are in."""
+    alice = person_named(people, USERNAME)
+    if alice is None or len(people) < 2:
+        return False
+    names = [e["name"] for e in alice["events"]]
+    return (
+        names.count("Logged In") >= 2 and "Viewed Receipt" in names and len(alice["aliases"]) >= 2
+    )
+
+
+def test_the_visitor_and_the_customer_are_one_person(demo: Demo, journey: Journey) -> None:
+    people = demo.wait_for(everything_arrived)
+    alice = person_named(people, USERNAME)
+    assert alice is not None
+    assert alice["label"] == USERNAME
+    assert alice["named"] == [USERNAME]
+    # The first visit's id, and the fresh one the log-out issued, both joined to alice.
+    assert set(alice["anonymous"]) == {journey.first_visit_id, journey.after_logout_id}
+    assert journey.first_visit_id != journey.after_logout_id
+    assert [journey.first_visit_id, USERNAME] in alice["aliases"]
+    assert [journey.after_logout_id, USERNAME] in alice["aliases"]
+
+    events = recorded(alice)
+    assert ("Viewed Pricing", journey.first_visit_id, "server") in events
+    assert ("Signed Up", USERNAME, "server") in events
+    assert ("Purchased", USERNAME, "server") in events
+    assert ("Logged In", USERNAME, "server") in events
+    assert ("Viewed Receipt", USERNAME, "browser") in events
+    purchased = next(e for e in alice["events"] if e["name"] == "Purchased")
+    assert purchased["properties"] == {"plan": "pro", "amount": "49"}
+    assert alice["properties"]["plan"] == "pro"
+    assert [e["name"] for e in alice["events"]].count("Signed Up") == 1
+
+
+def test_the_browser_cookie_holds_the_id_the_server_recorded(demo: Demo, journey: Journey) -> None:
+    people = demo.wait_for(everything_arrived)
+    alice = person_named(people, USERNAME)
+    assert alice is not None
+    assert journey.cookies_named_km_ai == 1
+    assert journey.final_id == journey.after_logout_id  # Logging in keeps the cookie.
+    viewed = next(e for e in alice["events"] if e["name"] == "Viewed Pricing")
+    assert viewed["identity"] == journey.first_visit_id
+    assert journey.shown_identity == USERNAME
+
+
+def test_a_visitor_who_never_signs_up_stays_a_person_of_their_own(
+    demo: Demo, journey: Journey
+) -> None:
+    people = demo.wait_for(everything_arrived)
+    others = [p for p in people if journey.other_visitor_id in p["identities"]]
+    assert len(others) == 1
+    assert others[0]["identities"] == [journey.other_visitor_id]
+    assert others[0]["named"] == []
+    assert recorded(others[0]) == {("Viewed Pricing", journey.other_visitor_id, "server")}
+
+
+def test_renew_subscriptions_records_server_side(demo: Demo, journey: Journey) -> None:
+    demo.wait_for(everything_arrived)
+    result = demo.manage("renew_subscriptions")
+    assert result.returncode == 0, result.stderr
+    assert f"Renewed pro for {USERNAME}" in result.stdout
+
+    def renewed(people: list[Person]) -> bool:
+        alice = person_named(people, USERNAME)
+        return alice is not None and any(
+            e["name"] == "Subscription Renewed" for e in alice["events"]
+        )
+
+    alice = person_named(demo.wait_for(renewed), USERNAME)
+    assert alice is not None
+    renewal = next(e for e in alice["events"] if e["name"] == "Subscription Renewed")
+    assert (renewal["identity"], renewal["source"]) == (USERNAME, "server")
+    assert renewal["properties"] == {"plan": "pro", "amount": "49"}
+    assert "renewed on" in alice["properties"]
+
+
+def test_renew_subscriptions_refuses_an_unknown_user(demo: Demo) -> None:
+    result = demo.manage("renew_subscriptions", "--user", "nobody")
+    assert result.returncode != 0
+    assert "'nobody' has no subscription to renew" in result.stderr
