@@ -21,3 +21,11 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view()),
     path("accounts/signup/", SignupView.as_view(), name="account_signup"),
 ]
+
+urlpatterns += [
+    path("browser/page/", views.browser_page),
+    path("browser/commands/", views.browser_commands),
+    path("browser/tag/", views.browser_tag),
+    path("browser/csp/", views.browser_csp),
+    path("browser/vector/", views.browser_vector),
+]

@@ -64,3 +64,73 @@ def signup(request: HttpRequest) -> HttpResponse:
 def boom(request: HttpRequest) -> HttpResponse:
     km.record("Before Error")
     raise ValueError("boom")
+
+
+# Views for the browser and XSS suites (tests/test_browser.py, tests/test_xss.py).
+
+
+def browser_page(request: HttpRequest) -> HttpResponse:
+    """A page with the tag and nothing else to track."""
+    return render(request, "browser_page.html")
+
+
+def browser_commands(request: HttpRequest) -> HttpResponse:
+    """A server-side event, and browser-side commands with values of every JSON type."""
+    km.record("Viewed Pricing", {"plan": "pro"})
+    km.js.record(
+        "Viewed Pricing",
+        {"plan": "pro", "seats": 3, "price": 49.5, "trial": True, "code": "049", "dropped": None},
+    )
+    km.js.set({"Plan": "pro", "Seats": 3})
+    return render(request, "browser_page.html")
+
+
+def browser_tag(request: HttpRequest) -> HttpResponse:
+    """Only the tag's output, between brackets: ``[]`` when it renders nothing.
+
+    ``?js=1`` queues two browser-side events first, one with a value JSON cannot hold;
+    ``?twice=1`` renders the tag twice.
+    """
+    if request.GET.get("js"):
+        km.js.record("Not JSON", {"value": object()})
+        km.js.record("Saw Tag", {"n": 1})
+    template = "browser_tag_twice.html" if request.GET.get("twice") else "browser_tag.html"
+    return render(request, template, content_type="text/plain")
+
+
+def browser_csp(request: HttpRequest) -> HttpResponse:
+    """A page under a nonce-based Content-Security-Policy.
+
+    ``?nonce=0`` sends the policy without giving the request its nonce; ``?nonce=<text>``
+    uses that nonce; ``?attr=<name>`` stores it under another request attribute;
+    ``?policy=hosts`` allows the library's two hosts instead of ``'strict-dynamic'``.
+    """
+    import secrets
+
+    nonce = request.GET.get("nonce") or secrets.token_urlsafe(16)
+    if nonce != "0":
+        setattr(request, request.GET.get("attr", "csp_nonce"), nonce)
+    sources = (
+        "http://i.kissmetrics.io http://scripts.kissmetrics.io"
+        if request.GET.get("policy") == "hosts"
+        else "'strict-dynamic'"
+    )
+    response = render(request, "browser_page.html")
+    response["Content-Security-Policy"] = (
+        f"script-src 'nonce-{nonce}' {sources}; object-src 'none'; base-uri 'none'"
+    )
+    return response
+
+
+def browser_vector(request: HttpRequest) -> HttpResponse:
+    """``?v=<JSON string>`` as the identity, an event name, a property name and a value."""
+    vector = json.loads(request.GET["v"])
+    km.identify(vector)
+    km.js.record(vector, {vector: vector, "n": 1})
+    km.js.set({vector: vector})
+    return render(request, "browser_page.html")
+
+
+def vector_identity(user: User) -> str:
+    """An ``IDENTITY`` function for the XSS suite: whatever the user's first name holds."""
+    return user.first_name

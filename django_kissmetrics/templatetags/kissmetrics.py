@@ -28,13 +28,14 @@ LOADER = (
     "s.type='text/javascript';s.async=true;s.src=u;"
     "f.parentNode.insertBefore(s,f);},1);}\n"
     "_kms('//i.kissmetrics.io/i.js');\n"
-    "_kms('//scripts.kissmetrics.io/'+_kmk+'.2.js');\n"
+    "_kms('//scripts.kissmetrics.io/'+_kmk+'.2.js');"
 )
 
 
 def js_value(value: Any) -> str:
     """``value`` as a JavaScript literal that is safe inside ``<script>``."""
-    return json.dumps(value, cls=DjangoJSONEncoder, ensure_ascii=True).translate(_ESCAPES)
+    text = json.dumps(value, cls=DjangoJSONEncoder, ensure_ascii=True, separators=(",", ":"))
+    return text.translate(_ESCAPES)
 
 
 def page_commands(tracker: RequestTracker) -> list[list[Any]]:
@@ -42,6 +43,8 @@ def page_commands(tracker: RequestTracker) -> list[list[Any]]:
     session = getattr(tracker.request, "session", None)
     pending = session.pop(SESSION_BROWSER, []) if session is not None else []
     queued = [*pending, *tracker.browser]
+    # Taken, not copied: a template that renders the tag twice sends no event twice.
+    tracker.browser = []
     tracker.browser_rendered = True
     clear = [c for c in queued if c and c[0] == "clearIdentity"][:1]
     rest = [c for c in queued if c and c[0] != "clearIdentity"]
@@ -63,7 +66,12 @@ def kissmetrics_js(context: template.Context) -> SafeString | str:
         if domain:
             lines.append(f"var KM_COOKIE_DOMAIN = {js_value(domain)};")
         lines.append(LOADER)
-        lines += [f"_kmq.push({js_value(c)});" for c in page_commands(tracker)]
+        for command in page_commands(tracker):
+            try:
+                lines.append(f"_kmq.push({js_value(command)});")
+            except (TypeError, ValueError):
+                # One unserialisable value must not cost the page its loader and the rest.
+                logger.exception("Kissmetrics: dropped a browser command that is not JSON")
         nonce = getattr(request, conf.CSP_NONCE_ATTRIBUTE or "", None)
         attr = f' nonce="{escape(str(nonce))}"' if nonce else ""
     except Exception:
