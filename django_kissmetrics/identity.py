@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import re
 import secrets
@@ -52,6 +53,7 @@ def decode_cookie(raw: str | None) -> str | None:
     return value if is_anonymous_id(value) else None
 
 
+@functools.lru_cache(maxsize=256)
 def cookie_domain(host: str, configured: str | None) -> str | None:
     """The ``Domain`` attribute for ``km_ai``: the setting, else the host without its port.
 

@@ -154,3 +154,21 @@ class TestSameQueryAsPyKissmetrics:
         )
         theirs, mine = tracker.hits
         assert mine.params == theirs.params
+
+
+def test_send_many_overlaps_slow_calls(tracker: StandInTracker) -> None:
+    """Against a slow tracker several calls are in flight at once, failures still reported."""
+    tracker.delay = 0.05
+    tracker.fail(5, 503)
+    commands = [make_record("p", f"E{i}") for i in range(40)]
+    started = time.monotonic()
+    failures = KissmetricsClient("k", url=tracker.url).send_many(commands, concurrency=8)
+    elapsed = time.monotonic() - started
+    assert len(failures) == 5
+    assert [c.name for c, _ in failures] == sorted(
+        (c.name for c, _ in failures), key=lambda n: int((n or "E0")[1:])
+    )
+    assert {h.name for h in tracker.hits} | {c.name for c, _ in failures} == {
+        f"E{i}" for i in range(40)
+    }
+    assert elapsed < 40 * 0.05  # Sequential would take at least two seconds.

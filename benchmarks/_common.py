@@ -1,0 +1,287 @@
+"""Helpers shared by the benchmarks: the machine, stand-in trackers in their own process, Django.
+
+A stand-in tracker runs in a child process so that serving requests does not compete for
+the interpreter lock with the code being measured; on a two-core machine that is the
+difference between measuring the client and measuring the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    # Run as `python benchmarks/x.py` from a checkout: import the package under test.
+    sys.path.insert(0, str(ROOT))
+
+# The tracking API's answer to everything it accepts: a 1x1 transparent GIF.
+GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00"
+    b"\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: image/gif\r\nContent-Length: "
+    + str(len(GIF)).encode()
+    + b"\r\n\r\n"
+    + GIF
+)
+
+
+def machine() -> str:
+    """One line naming the machine, so that figures are read against it."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"machine: nproc={os.cpu_count()}, python {platform.python_version()} "
+        f"({platform.python_implementation()}), {platform.system()} {platform.machine()}, "
+        f"load average {load}"
+    )
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of ``values``."""
+    return float(statistics.median(values))
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])
+            for i, c in enumerate(row)
+        ]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def interleave(
+    contenders: dict[str, Callable[[], float]], rounds: int, *, warmup: bool = True
+) -> dict[str, list[float]]:
+    """Run each contender once per round, rotating the order; return each one's results.
+
+    The machine is shared and noisy: interleaving spreads a slow spell over every
+    contender instead of landing on one of them.
+    """
+    names = list(contenders)
+    if warmup:
+        for name in names:
+            contenders[name]()
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name].append(contenders[name]())
+    return results
+
+
+# --- Stand-in trackers in a child process ----------------------------------------------
+
+
+class _FastProtocol(asyncio.Protocol):
+    """Answers every request on a keep-alive connection with the GIF, and counts them.
+
+    Lean on purpose: the throughput benchmark measures clients, so the server should cost
+    as little as possible per request.
+    """
+
+    def __init__(self, counter: list[int]) -> None:
+        self.counter = counter
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        answers = 0
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            # GET requests only: no body follows the headers.
+            self.buffer = self.buffer[end + 4 :]
+            answers += 1
+        if answers and self.transport is not None:
+            self.counter[0] += answers
+            self.transport.write(_RESPONSE * answers)
+
+
+def _serve_fast(conn: Connection) -> None:
+    counter = [0]
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(
+        loop.create_server(lambda: _FastProtocol(counter), "127.0.0.1", 0, backlog=256)
+    )
+    port = server.sockets[0].getsockname()[1]
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    _control(conn, port, lambda: counter[0], lambda: counter.__setitem__(0, 0))
+
+
+def _serve_stand_in(conn: Connection, delay: float) -> None:
+    import socketserver
+
+    from django_kissmetrics.testing import StandInTracker
+
+    # The stand-in writes the status and headers, then the body, in two writes. With
+    # Nagle's algorithm on, the body waits for the client's delayed ACK of the headers
+    # (40 ms on Linux) and every answer takes delay + 40 ms. A real tracker answers in
+    # one segment; TCP_NODELAY (this child process only) makes the stand-in do the same.
+    socketserver.StreamRequestHandler.disable_nagle_algorithm = True
+
+    tracker = StandInTracker().start()
+    tracker.delay = delay
+
+    def reset() -> None:
+        tracker.reset()
+        tracker.delay = delay
+
+    _control(conn, tracker.port, lambda: len(tracker.hits), reset)
+
+
+def _control(
+    conn: Connection, port: int, hits: Callable[[], int], reset: Callable[[], None]
+) -> None:
+    conn.send(port)
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message == "hits":
+            conn.send(hits())
+        elif message == "reset":
+            reset()
+            conn.send(None)
+        else:
+            conn.send(None)
+            return
+
+
+class TrackerProcess:
+    """A stand-in tracker in a child process; ``hits()`` counts the requests it answered.
+
+    ``kind="fast"``: a lean asyncio server, for throughput. ``kind="stand-in"``: the
+    package's threaded :class:`~django_kissmetrics.testing.StandInTracker`, which holds
+    every answer ``delay`` seconds, for latency.
+    """
+
+    def __init__(self, kind: str = "fast", delay: float = 0.0) -> None:
+        self.kind = kind
+        self.delay = delay
+        self.port = 0
+        self._conn: Connection | None = None
+        self._process: Any = None
+
+    @property
+    def host(self) -> str:
+        """``host:port``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The ``TRACKING_URL`` that points here."""
+        return f"http://{self.host}"
+
+    def start(self) -> TrackerProcess:
+        """Start the child and wait until it listens."""
+        # spawn, not fork: the child must not inherit this process's threads and sockets.
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        if self.kind == "fast":
+            target: Callable[..., None] = _serve_fast
+            args: tuple[Any, ...] = (child,)
+        else:
+            target, args = _serve_stand_in, (child, self.delay)
+        self._process = context.Process(target=target, args=args, daemon=True)
+        self._process.start()
+        self._conn = parent
+        if not parent.poll(30):
+            raise RuntimeError("the stand-in tracker did not start")
+        self.port = int(parent.recv())
+        return self
+
+    def _ask(self, message: str) -> Any:
+        assert self._conn is not None
+        self._conn.send(message)
+        return self._conn.recv()
+
+    def hits(self) -> int:
+        """Requests answered since the last :meth:`reset`."""
+        return int(self._ask("hits"))
+
+    def reset(self) -> None:
+        """Forget the hits."""
+        self._ask("reset")
+
+    def stop(self) -> None:
+        """End the child."""
+        if self._conn is not None:
+            with contextlib.suppress(BrokenPipeError, EOFError):
+                self._ask("stop")
+            self._conn = None
+        if self._process is not None:
+            self._process.join(5)
+            if self._process.is_alive():
+                self._process.terminate()
+            self._process = None
+
+    def __enter__(self) -> TrackerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- Django -------------------------------------------------------------------------
+
+
+def setup_django(**overrides: Any) -> None:
+    """Configure Django with a minimal site (sqlite in memory) plus ``overrides``."""
+    import django
+    from django.conf import settings
+
+    if settings.configured:
+        return
+    options: dict[str, Any] = {
+        "SECRET_KEY": "benchmarks-only-not-secret",
+        "DEBUG": False,
+        "ALLOWED_HOSTS": ["*"],
+        "USE_TZ": True,
+        "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
+        "INSTALLED_APPS": [
+            "django.contrib.auth",
+            "django.contrib.contenttypes",
+            "django.contrib.sessions",
+            "django.contrib.messages",
+            "django_kissmetrics",
+        ],
+        "DATABASES": {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        "LOGGING_CONFIG": None,
+    }
+    options.update(overrides)
+    settings.configure(**options)
+    django.setup()
+
+
+def timed(func: Callable[[], object]) -> float:
+    """Seconds ``func()`` took."""
+    started = time.perf_counter()
+    func()
+    return time.perf_counter() - started
