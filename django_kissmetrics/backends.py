@@ -67,15 +67,9 @@ class SyncBackend(BaseBackend):
 
     def send(self, commands: Sequence[Command]) -> None:
         """Deliver ``commands`` now; log and signal the ones that fail."""
-        from . import delivery
+        from .delivery import deliver_now
 
-        try:
-            failures = delivery.deliver(commands)
-        except Exception as exc:
-            delivery.give_up(commands, exc, "delivery raised")
-            return
-        if failures:
-            delivery.give_up([c for c, _ in failures], failures[-1][1], "sync delivery failed")
+        deliver_now(commands, "sync delivery failed")
 
 
 class CeleryBackend(BaseBackend):

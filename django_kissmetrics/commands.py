@@ -36,8 +36,8 @@ MAX_VALUE_BYTES = 8192
 CommandKind = Literal["record", "set", "alias"]
 PATHS: dict[str, str] = {"record": "/e", "set": "/s", "alias": "/a"}
 # Transport fields a caller must not smuggle in as properties: they would overwrite
-# the key, the person or the event name on the wire.
-_RESERVED = frozenset({"_k", "_p", "_n"})
+# the key, the person, the event name or the time on the wire.
+_RESERVED = frozenset({"_k", "_p", "_n", "_t", "_d"})
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _NAME_SEPARATORS = re.compile("[,:]")
 
@@ -108,7 +108,7 @@ def to_timestamp(value: dt.datetime | float | int | str | None) -> int:
         raise TypeError("timestamp must be a datetime or Unix seconds, not a bool")
     try:
         return int(float(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"timestamp must be a datetime or Unix seconds, not {value!r}") from None
 
 
@@ -130,7 +130,8 @@ def _identity(value: object, what: str = "identity") -> str:
     text = _clean_text(str(value)).strip()
     if not text:
         raise ValueError(f"Kissmetrics {what} must not be empty")
-    return _truncate(text, MAX_NAME_LENGTH, what)
+    # Strip again after the cut, so that normalising twice gives the same identity.
+    return _truncate(text, MAX_NAME_LENGTH, what).rstrip()
 
 
 def _event_name(value: object) -> str:
@@ -189,16 +190,19 @@ def _properties(
             continue
         if name == "_d":
             continue  # Always sent as 1: every command carries the time of its call.
-        if name in _RESERVED:
-            logger.warning("Kissmetrics property %r dropped: it is a transport field", name)
-            continue
         if value is None:
             continue
-        name = _NAME_SEPARATORS.sub(" ", name).strip()
+        # Checked after normalising: " _p" or "_k:" would otherwise reach the wire as
+        # a second transport field.
+        name = _truncate(_NAME_SEPARATORS.sub(" ", name).strip(), MAX_NAME_LENGTH, "property name")
+        name = name.rstrip()
+        if name in _RESERVED:
+            logger.warning("Kissmetrics property %r dropped: it is a transport field", raw_name)
+            continue
         if not name:
             logger.warning("Kissmetrics property with an empty name dropped")
             continue
-        out[_truncate(name, MAX_NAME_LENGTH, "property name")] = _value(value)
+        out[name] = _value(value)
     return out, to_timestamp(when)
 
 

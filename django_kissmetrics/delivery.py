@@ -14,7 +14,7 @@ from .signals import delivery_failed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["client", "deliver", "give_up"]
+__all__ = ["client", "deliver", "deliver_now", "give_up"]
 
 
 def client() -> KissmetricsClient:
@@ -36,6 +36,17 @@ def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
     others = [c for c in commands if c.kind != "alias"]
     failures = api.send_many(aliases, concurrency=1)
     return failures + api.send_many(others, concurrency=conf.DELIVERY_CONCURRENCY)
+
+
+def deliver_now(commands: Sequence[Command], reason: str) -> None:
+    """Deliver once, in this thread; give up (log and signal) whatever fails."""
+    try:
+        failures = deliver(commands)
+    except Exception as exc:
+        give_up(commands, exc, reason)
+        return
+    if failures:
+        give_up([c for c, _ in failures], failures[-1][1], reason)
 
 
 def give_up(commands: Sequence[Command], error: BaseException | None, reason: str) -> None:

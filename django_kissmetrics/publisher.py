@@ -32,6 +32,8 @@ def publish(commands: Sequence[Command]) -> None:
 
     Never raises: this runs where nobody could handle an error.
     """
+    from celery.result import EagerResult
+
     from . import delivery
     from .tasks import deliver
 
@@ -45,22 +47,16 @@ def publish(commands: Sequence[Command]) -> None:
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1},
         )
-        if result.failed():
-            # Only an eager run (CELERY_TASK_ALWAYS_EAGER) has failed by now: it swallows
-            # the task's exception into the result.
+        # Only an eager run (CELERY_TASK_ALWAYS_EAGER) can have failed by now: it swallows
+        # the task's exception into the result. A real AsyncResult must not be asked: that
+        # is a round trip to the result backend, and without one it raises, which would
+        # report a queued batch as lost (and deliver it twice with ON_ENQUEUE_FAILURE="sync").
+        if isinstance(result, EagerResult) and result.failed():
             delivery.give_up(commands, result.result, "eager delivery failed")
     except Exception as exc:
         if conf.ON_ENQUEUE_FAILURE == "sync":
             logger.warning("Kissmetrics: could not queue (%s); delivering directly", exc)
-            try:
-                failures = delivery.deliver(commands)
-            except Exception as direct_exc:
-                delivery.give_up(commands, direct_exc, "broker down, direct delivery failed")
-                return
-            if failures:
-                delivery.give_up(
-                    [c for c, _ in failures], failures[-1][1], "broker down, direct delivery failed"
-                )
+            delivery.deliver_now(commands, "broker down, direct delivery failed")
         else:
             delivery.give_up(commands, exc, "could not queue")
 

@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 
 from . import delivery
 from .commands import Command
@@ -42,7 +43,13 @@ def deliver(self: Task[Any, Any], commands: list[dict[str, Any]]) -> int:
     each keeps the ``_t`` of its original call, so Kissmetrics sees the same record.
     """
     batch = [Command.from_dict(c) for c in commands]
-    failures = delivery.deliver(batch)
+    try:
+        failures = delivery.deliver(batch)
+    except Exception as exc:
+        # Not an answer from the tracker (a worker without an API key, a bug): Celery
+        # would log only the exception and drop the message, commands and all.
+        delivery.give_up(batch, exc, "delivery raised")
+        return 0
     if not failures:
         return len(batch)
     permanent = [(c, e) for c, e in failures if not e.retriable]
@@ -57,8 +64,15 @@ def deliver(self: Task[Any, Any], commands: list[dict[str, Any]]) -> int:
         delivery.give_up([c for c, _ in retriable], error, f"gave up after {retries + 1} attempts")
         return len(batch) - len(failures)
     retry_after = max((e.retry_after or 0.0) for _, e in retriable) or None
-    raise self.retry(
-        args=([c.to_dict() for c, _ in retriable],),
-        countdown=backoff(retries, retry_after),
-        exc=error,
-    )
+    try:
+        raise self.retry(
+            args=([c.to_dict() for c, _ in retriable],),
+            countdown=backoff(retries, retry_after),
+            exc=error,
+        )
+    except Reject as rejected:
+        # Celery could not queue the retry (the broker is unreachable) and rejects the
+        # message without requeueing it: the commands would be gone without a trace.
+        cause = rejected.__context__ or rejected  # The broker's error.
+        delivery.give_up([c for c, _ in retriable], cause, "could not queue a retry")
+        return len(batch) - len(failures)

@@ -8,6 +8,8 @@ real HTTP without a Kissmetrics account.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +74,7 @@ class StandInTracker:
         self._failures: list[int] = []
         self._lock = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
+        self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
     @property
@@ -98,6 +101,12 @@ class StandInTracker:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        # Kept-alive connections too: a stopped tracker serves nobody.
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def fail(self, count: int, status: int = 503) -> None:
         """Answer ``status`` to the next ``count`` hits."""
@@ -145,6 +154,17 @@ def _handler(tracker: StandInTracker) -> type[BaseHTTPRequestHandler]:
         # Headers and body go out in two writes; without this, Nagle's algorithm and
         # delayed ACKs hold every answer about 40 ms.
         disable_nagle_algorithm = True
+
+        def setup(self) -> None:
+            super().setup()
+            with tracker._lock:
+                tracker._connections.add(self.request)
+
+        def finish(self) -> None:
+            with tracker._lock:
+                tracker._connections.discard(self.request)
+            with contextlib.suppress(OSError):
+                super().finish()
 
         def do_GET(self) -> None:
             parts = urlsplit(self.path)

@@ -212,6 +212,8 @@ class Tracker:
             self._send([command])
 
     def _send(self, commands: list[Command]) -> None:
+        # A set whose properties were all dropped (None values) has nothing to send.
+        commands = [c for c in commands if c.kind != "set" or c.properties]
         if not commands:
             return
         try:

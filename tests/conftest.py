@@ -142,9 +142,18 @@ def celery_app(redis_url: str) -> Any:
 @pytest.fixture
 def celery_worker(celery_app: Any) -> Iterator[Any]:
     """A real Celery worker, in this process, consuming from the real Redis broker."""
+    import logging
+
     from celery.contrib.testing.worker import start_worker
 
+    # Celery takes over the root logger; later caplog-based tests need it back.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     with start_worker(
         celery_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=10
     ) as worker:
-        yield worker
+        try:
+            yield worker
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)

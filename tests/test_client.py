@@ -172,3 +172,14 @@ def test_send_many_overlaps_slow_calls(tracker: StandInTracker) -> None:
         f"E{i}" for i in range(40)
     }
     assert elapsed < 40 * 0.05  # Sequential would take at least two seconds.
+
+
+def test_stopped_tracker_refuses_kept_alive_connections(tracker: StandInTracker) -> None:
+    client = KissmetricsClient("k", url=tracker.url, timeout=1)
+    client.record("p", "Before")
+    tracker.stop()
+    with pytest.raises(TrackingError):
+        client.record("p", "While down")
+    tracker.start()
+    client.record("p", "After")
+    assert [h.name for h in tracker.hits] == ["Before", "After"]

@@ -120,3 +120,17 @@ def test_round_trip_through_json() -> None:
     assert Command.from_dict(command.to_dict()) == command
     alias = make_alias("a", "b")
     assert alias.params("k") == [("_k", "k"), ("_p", "a"), ("_n", "b")]
+
+
+@pytest.mark.parametrize("when", ["inf", "1e400", float("inf"), "nan", "soon"])
+def test_impossible_timestamps_are_type_errors(when: object) -> None:
+    with pytest.raises(TypeError, match="timestamp"):
+        make_record("p", "E", timestamp=when)  # type: ignore[arg-type]
+
+
+def test_set_with_nothing_left_sends_nothing(km_outbox: list[Command]) -> None:
+    from django_kissmetrics import km
+
+    km.set({"gone": None}, identity="42")
+    km.set({"kept": 1}, identity="42")
+    assert [c.properties for c in km_outbox] == [{"kept": "1"}]
