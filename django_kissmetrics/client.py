@@ -10,7 +10,7 @@ import datetime as dt
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlencode
@@ -299,8 +299,3 @@ def _path_of(url: str) -> str:
     rest = url.split("://", 1)[-1]
     slash = rest.find("/")
     return rest[slash:] if slash >= 0 else ""
-
-
-def failed_commands(failures: Iterable[tuple[Command, TrackingError]]) -> list[Command]:
-    """The commands of a :meth:`KissmetricsClient.send_many` result."""
-    return [command for command, _ in failures]

@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BrowserCommands", "RequestTracker", "Tracker", "current_tracker", "km"]
 
-Timestamp = "dt.datetime | float | int | None"
 SESSION_IDENTITY = "_km_identity"
 SESSION_BROWSER = "_km_browser"
 SESSION_ALIASED = "_km_aliased"
@@ -252,7 +251,7 @@ class RequestTracker(Tracker):
         self.browser: list[list[Any]] = []
         self.browser_rendered = False
         self._buffer: list[Command] = []
-        self._deferred: list[tuple[Callable[[str], Command], bool]] = []
+        self._deferred: list[Callable[[str], Command]] = []
         self._closed = False
         self._identity: str | None = None
         self._aliased: set[tuple[str, str]] = set()
@@ -344,7 +343,7 @@ class RequestTracker(Tracker):
 
     def close(self) -> list[Command]:
         """End the request: return its commands; later ones are sent on their own."""
-        for make, _ in self._deferred:
+        for make in self._deferred:
             person = self.identity
             if person:
                 try:
@@ -392,7 +391,7 @@ class RequestTracker(Tracker):
         return self.identity
 
     def _defer(self, make: Callable[[str], Command]) -> None:
-        self._deferred.append((make, True))
+        self._deferred.append(make)
 
     def _add(self, command: Command) -> None:
         if self._closed:

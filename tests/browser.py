@@ -15,6 +15,7 @@ without Playwright, the browser tests skip, except under ``CI=true``, where they
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ from tests.conftest import need
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page, Response, Route
 
-CHROMIUM = "/usr/bin/chromium"
+# Debian's Chromium; never a downloaded browser. CHROMIUM points elsewhere if needed.
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -28,20 +28,12 @@ from urllib.request import urlopen
 
 import pytest
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "example_project"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 # The real Kissmetrics library's hosts: unreachable offline, so refused at once rather
 # than left to a DNS timeout.
 KISSMETRICS_HOSTS = re.compile(r"^https?://[^/]*kissmetrics\.io/")
