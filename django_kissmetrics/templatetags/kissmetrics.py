@@ -48,7 +48,8 @@ def page_commands(tracker: RequestTracker) -> list[list[Any]]:
     tracker.browser_rendered = True
     clear = [c for c in queued if c and c[0] == "clearIdentity"][:1]
     rest = [c for c in queued if c and c[0] != "clearIdentity"]
-    identify = [["identify", tracker.identity]] if tracker.named else []
+    person = tracker.identity  # Worked out once: it may read the session and the user.
+    identify = [["identify", person]] if person and person != tracker.anonymous_id else []
     return [*clear, *identify, *rest]
 
 
