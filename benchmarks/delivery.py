@@ -56,7 +56,7 @@ def package_path(batch: list[dict[str, Any]]) -> Callable[[], None]:
     # What a message carries: commands made (and time-stamped) in the request.
     messages = [
         [
-            make_record(e["person"], e["event"], e["properties"], TIMESTAMP).to_dict()
+            make_record(e["person"], e["event"], e["properties"], TIMESTAMP).to_wire()
             for e in batch[start : start + MAX_BATCH]
         ]
         for start in range(0, len(batch), MAX_BATCH)

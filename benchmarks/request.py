@@ -1,8 +1,8 @@
 """Request overhead: a view that calls ``km.record`` once, against the same site without the app.
 
 Two WSGI handlers live in one process, built from the same settings except the
-middleware list: both run the same middleware (Session, CSRF, Authentication, Messages;
-``--stack startproject`` for the list ``django-admin startproject`` writes); the tracked
+middleware list: both run the full middleware stack Django's ``startproject`` writes
+(``--stack minimal`` for Session, CSRF, Authentication and Messages only); the tracked
 one adds ``KissmetricsMiddleware`` and its view calls ``km.record`` once; the plain one
 has neither. The tracked site uses the ``celery`` backend with a real Redis broker (DB 13
 unless ``--redis`` says otherwise): the per-process publisher puts the commands on the
@@ -10,6 +10,9 @@ queue off the request thread. Rounds of each are interleaved; a tracked round is
 until the publisher has flushed, so publishing is charged to it. A third variant runs
 the tracked requests with the ``locmem`` backend, to split the added time between the
 request path and publishing.
+
+Two visitors: a returning one (a valid ``km_ai`` cookie: every request after the first)
+and a first visit (no cookie: the request that writes it, once per browser).
 
 Afterwards the commands are counted in the Redis queue (every tracked request must have
 queued exactly one) and the benchmark's keys are deleted. Target: tracked <= 1.15x plain.
@@ -34,6 +37,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import path
 
 from django_kissmetrics import km
+from django_kissmetrics.commands import Command
 
 TARGET = 1.15
 KEY = "bench-key"
@@ -140,16 +144,16 @@ def build_handlers(tracked_middleware: list[str], plain_middleware: list[str]) -
     return tracked, plain
 
 
-def queued_commands(client: Any, queue: str) -> list[dict[str, Any]]:
+def queued_commands(client: Any, queue: str) -> list[Command]:
     """The commands in the Celery messages waiting in ``queue``."""
-    commands: list[dict[str, Any]] = []
+    commands: list[Command] = []
     for raw in client.lrange(queue, 0, -1):
         message = json.loads(raw)
         body = message["body"]
         if message["properties"].get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args, _kwargs, _embed = json.loads(body)
-        commands.extend(args[0])
+        commands.extend(Command.from_wire(c) for c in args[0])
     return commands
 
 
@@ -173,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stack",
         choices=sorted(STACKS),
-        default="minimal",
-        help="minimal: Session, CSRF, Auth, Messages; startproject: Django's default list",
+        default="startproject",
+        help="startproject: Django's default list; minimal: Session, CSRF, Auth, Messages",
     )
     args = parser.parse_args(argv)
 
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     expected = len(visitors) * n * (args.rounds + 1)  # The warm-up round included.
-    good = [c for c in commands if c["kind"] == "record" and c["name"] == "Viewed Pricing"]
+    good = [c for c in commands if c.kind == "record" and c.name == "Viewed Pricing"]
     print(
         f"\nqueued: {len(good)} commands in {messages} Celery messages for {expected} tracked "
         f"requests (celery rounds; {len(good) / max(messages, 1):.0f} commands per message); "

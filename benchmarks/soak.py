@@ -170,8 +170,8 @@ def produce(start: int, count: int, rate: float | None) -> float:
             # Flat out, one thread outruns the publisher's bounded queue (which logs
             # what does not fit): hold back while it is half full, as a site's traffic
             # would be spread over many processes.
-            queue = publisher.get_publisher().queue
-            while queue.qsize() > queue.maxsize // 2:
+            buffer = publisher.get_publisher()
+            while len(buffer.pending) > buffer.maxsize // 2:
                 time.sleep(0.001)
     publisher.flush()
     return began

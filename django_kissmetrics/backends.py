@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from django.utils.module_loading import import_string
 
+from . import publisher
 from .commands import Command
 from .conf import ConfigurationError, get_settings
 
@@ -57,9 +58,15 @@ class LocmemBackend(BaseBackend):
 
     def send(self, commands: Sequence[Command]) -> None:
         """Append ``commands`` to the outbox."""
-        from .testing import outbox
+        _outbox().extend(commands)
 
-        outbox.extend(commands)
+
+@functools.cache
+def _outbox() -> list[Command]:
+    # Imported on first use: testing.py brings in the stand-in server's modules.
+    from .testing import outbox
+
+    return outbox
 
 
 class SyncBackend(BaseBackend):
@@ -78,16 +85,15 @@ class CeleryBackend(BaseBackend):
     With ``PUBLISH = "inline"`` the message is published in the calling thread instead.
     """
 
-    @property
-    def blocking(self) -> bool:  # type: ignore[override]
-        """Only inline publishing waits on the broker."""
-        return get_settings().PUBLISH == "inline"
+    def __init__(self) -> None:
+        # Made anew when KISSMETRICS changes (get_backend's cache is cleared then).
+        self.inline = get_settings().PUBLISH == "inline"
+        #: Only inline publishing waits on the broker.
+        self.blocking = self.inline
 
     def send(self, commands: Sequence[Command]) -> None:
         """Hand ``commands`` to the publisher."""
-        from . import publisher
-
-        if get_settings().PUBLISH == "inline":
+        if self.inline:
             publisher.publish(commands)
         else:
             publisher.get_publisher().submit(commands)

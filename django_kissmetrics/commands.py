@@ -11,9 +11,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +40,24 @@ PATHS: dict[str, str] = {"record": "/e", "set": "/s", "alias": "/a"}
 _RESERVED = frozenset({"_k", "_p", "_n", "_t", "_d"})
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _NAME_SEPARATORS = re.compile("[,:]")
+_NO_PROPERTIES: Mapping[str, str] = MappingProxyType({})
+_new_tuple = tuple.__new__
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """One call to the tracking API, ready to send and safe to send again.
 
     ``timestamp`` is the Unix time of the call: it travels as ``_t`` with ``_d=1``, so
     a command delivered late, or twice, is still the same record to Kissmetrics.
     ``name`` is the event name for ``record`` and the second identity for ``alias``.
+    Immutable (a named tuple: one is made per tracked call, and a tuple is the cheapest
+    immutable value to make).
     """
 
     kind: CommandKind
     person: str
     name: str | None = None
-    properties: dict[str, str] = field(default_factory=dict)
+    properties: Mapping[str, str] = _NO_PROPERTIES
     timestamp: int = 0
 
     @property
@@ -81,6 +84,25 @@ class Command:
             "properties": dict(self.properties),
             "timestamp": self.timestamp,
         }
+
+    def to_wire(self) -> list[Any]:
+        """The compact JSON-safe form a Celery message carries: the five fields in order."""
+        properties = self.properties
+        return [
+            self.kind,
+            self.person,
+            self.name,
+            properties if type(properties) is dict else dict(properties),
+            self.timestamp,
+        ]
+
+    @classmethod
+    def from_wire(cls, data: Sequence[Any] | Mapping[str, Any]) -> Command:
+        """The inverse of :meth:`to_wire` (the :meth:`to_dict` form is read too)."""
+        if isinstance(data, Mapping):
+            return cls.from_dict(data)
+        kind, person, name, properties, timestamp = data
+        return cls(kind, person, name, dict(properties or {}), int(timestamp))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Command:
@@ -113,6 +135,8 @@ def to_timestamp(value: dt.datetime | float | int | str | None) -> int:
 
 
 def _clean_text(text: str) -> str:
+    if text.isascii():
+        return text  # Nearly every name and value: skip the regex.
     # A lone surrogate cannot be UTF-8 encoded, so it could never be sent.
     return _SURROGATES.sub("\ufffd", text)
 
@@ -125,6 +149,10 @@ def _truncate(text: str, limit: int, what: str) -> str:
 
 
 def _identity(value: object, what: str = "identity") -> str:
+    if type(value) is str and 0 < len(value) <= MAX_NAME_LENGTH and value.isascii():
+        text: str = value
+        if not (text[0].isspace() or text[-1].isspace()):
+            return text  # Already normal (an anonymous id, a user's identity).
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(f"Kissmetrics {what} must be text, not {type(value).__name__}")
     text = _clean_text(str(value)).strip()
@@ -134,13 +162,37 @@ def _identity(value: object, what: str = "identity") -> str:
     return _truncate(text, MAX_NAME_LENGTH, what).rstrip()
 
 
+#: Event name -> its normal form, for names that normalise without a warning. A site
+#: records a few dozen events, each many times: normalise each once.
+_EVENT_NAMES: dict[str, str] = {}
+#: Raw property name -> its normal form, for names that are sent (not a transport
+#: field, not empty) and normalise without a warning.
+_PROPERTY_NAMES: dict[str, str] = {}
+#: Each cache stops growing here, whatever names hostile input makes up.
+_CACHE_LIMIT = 4096
+
+
 def _event_name(value: object) -> str:
-    if not isinstance(value, str):
+    if type(value) is str:
+        name = _EVENT_NAMES.get(value)
+        if name is not None:
+            return name
+    elif not isinstance(value, str):
         raise TypeError(f"Kissmetrics event name must be text, not {type(value).__name__}")
-    return _identity(value, "event name")
+    name = _identity(value, "event name")
+    if type(value) is str and len(value) <= MAX_NAME_LENGTH and len(_EVENT_NAMES) < _CACHE_LIMIT:
+        _EVENT_NAMES[value] = name
+    return name
 
 
 def _value(value: object) -> str:
+    kind = type(value)
+    if kind is str:
+        text: str = value  # type: ignore[assignment]
+        if len(text) <= MAX_VALUE_BYTES and text.isascii():
+            return text  # The common case: nothing to clean, nothing to cut.
+    elif kind is int or kind is float:
+        return str(value)  # Short and ASCII (not bool: its type is bool).
     if isinstance(value, bool):
         # As JavaScript writes them, so the browser and the server agree.
         text = "true" if value else "false"
@@ -172,38 +224,59 @@ def _value(value: object) -> str:
     return text
 
 
+def _property_name(raw_name: object, cleaned: str) -> str:
+    """The normal form of a property name; remembered when it is one that is sent."""
+    if "," in cleaned or ":" in cleaned or len(cleaned) > MAX_NAME_LENGTH:
+        name = _NAME_SEPARATORS.sub(" ", cleaned).strip()
+        return _truncate(name, MAX_NAME_LENGTH, "property name").rstrip()
+    name = cleaned.strip()
+    if (
+        name
+        and name not in _RESERVED
+        and type(raw_name) is str
+        and len(_PROPERTY_NAMES) < _CACHE_LIMIT
+    ):
+        _PROPERTY_NAMES[raw_name] = name
+    return name
+
+
 def _properties(
     properties: Mapping[str, Any] | None, timestamp: dt.datetime | float | int | None
 ) -> tuple[dict[str, str], int]:
     if properties is None:
-        properties = {}
-    if not isinstance(properties, Mapping):
+        return {}, int(time.time()) if timestamp is None else to_timestamp(timestamp)
+    if type(properties) is not dict and not isinstance(properties, Mapping):
         raise TypeError(f"Kissmetrics properties must be a dict, not {type(properties).__name__}")
     out: dict[str, str] = {}
     when: Any = timestamp
+    known = _PROPERTY_NAMES
     for raw_name, value in properties.items():
-        name = _clean_text(str(raw_name))
-        if name == "_t":
+        name = known.get(raw_name)
+        if name is not None:
+            # A name seen before, and nearly always a short ASCII text value: no calls.
+            if type(value) is str and len(value) <= MAX_VALUE_BYTES and value.isascii():
+                out[name] = value
+            elif value is not None:
+                out[name] = _value(value)
+            continue
+        cleaned = _clean_text(raw_name if type(raw_name) is str else str(raw_name))
+        if cleaned == "_t":
             # The documented back-dating form: record("Signed Up", {"_d": 1, "_t": ...}).
             if timestamp is None and value is not None:
                 when = value
             continue
-        if name == "_d":
-            continue  # Always sent as 1: every command carries the time of its call.
-        if value is None:
-            continue
-        # Checked after normalising: " _p" or "_k:" would otherwise reach the wire as
-        # a second transport field.
-        name = _truncate(_NAME_SEPARATORS.sub(" ", name).strip(), MAX_NAME_LENGTH, "property name")
-        name = name.rstrip()
+        if cleaned == "_d" or value is None:
+            continue  # _d: always sent as 1, as every command carries its time.
+        # Normalised before the check below: " _p" or "_k:" would otherwise reach the
+        # wire as a second transport field.
+        name = _property_name(raw_name, cleaned)
         if name in _RESERVED:
             logger.warning("Kissmetrics property %r dropped: it is a transport field", raw_name)
-            continue
-        if not name:
+        elif not name:
             logger.warning("Kissmetrics property with an empty name dropped")
-            continue
-        out[name] = _value(value)
-    return out, to_timestamp(when)
+        else:
+            out[name] = _value(value)
+    return out, int(time.time()) if when is None else to_timestamp(when)
 
 
 def make_record(
@@ -213,9 +286,22 @@ def make_record(
     timestamp: dt.datetime | float | int | None = None,
 ) -> Command:
     """A normalised ``record`` command (see the README for the rules)."""
-    name = _event_name(event)
+    return _record(_identity(person), event, properties, timestamp)
+
+
+def _record(
+    person: str,
+    event: object,
+    properties: Mapping[str, Any] | None,
+    timestamp: dt.datetime | float | int | None,
+) -> Command:
+    # make_record() for a person already in normal form (a request's current person).
+    name = _EVENT_NAMES.get(event) if type(event) is str else None
+    if name is None:
+        name = _event_name(event)
     props, ts = _properties(properties, timestamp)
-    return Command("record", _identity(person), name, props, ts)
+    # tuple.__new__, not Command(...): the named tuple's __new__ is one more Python call.
+    return _new_tuple(Command, ("record", person, name, props, ts))
 
 
 def make_set(
@@ -230,4 +316,6 @@ def make_set(
 
 def make_alias(person: object, identity: object) -> Command:
     """A normalised ``alias`` command joining two identities."""
-    return Command("alias", _identity(person), _identity(identity), {}, to_timestamp(None))
+    return Command(
+        "alias", _identity(person), _identity(identity), _NO_PROPERTIES, int(time.time())
+    )

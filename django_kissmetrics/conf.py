@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "CELERY_QUEUE": None,
     "DELIVERY_CONCURRENCY": 16,
     "PUBLISH": "background",
-    "PUBLISH_WINDOW": 0.05,
+    "PUBLISH_WINDOW": 0.2,
     "PUBLISH_QUEUE_SIZE": 10_000,
     "ON_ENQUEUE_FAILURE": "log",
     "EXCLUDE_PATHS": ["/admin/", "/static/", "/media/", "/favicon.ico", "/robots.txt", "/health"],
@@ -110,7 +110,7 @@ class Settings:
     IGNORE_USER_AGENTS: re.Pattern[str] | None
     CSP_NONCE_ATTRIBUTE: str | None
 
-    @property
+    @functools.cached_property
     def enabled(self) -> bool:
         """Tracking is on: there is an API key and the backend is not ``disabled``."""
         return bool(self.API_KEY) and self.BACKEND != "disabled"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import functools
 import ipaddress
+import os
 import re
-import secrets
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -29,7 +29,7 @@ def user_identity(user: Any) -> str:
 
 def new_anonymous_id() -> str:
     """A fresh anonymous id: standard Base64 of 20 random bytes (28 characters)."""
-    return base64.b64encode(secrets.token_bytes(20)).decode("ascii")
+    return binascii.b2a_base64(os.urandom(20), newline=False).decode("ascii")
 
 
 def is_anonymous_id(value: str) -> bool:
@@ -39,6 +39,10 @@ def is_anonymous_id(value: str) -> bool:
 
 def encode_cookie(value: str) -> str:
     """``value`` percent-encoded exactly as JavaScript's ``encodeURIComponent`` does."""
+    if is_anonymous_id(value):
+        # Every cookie this package writes. encodeURIComponent changes only these three
+        # characters of the Base64 alphabet; three replaces cost a tenth of quote().
+        return value.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
     return quote(value, safe="!~*'()")
 
 
@@ -49,8 +53,12 @@ def decode_cookie(raw: str | None) -> str | None:
     """
     if not raw or len(raw) > 1024:
         return None
-    value = unquote(raw)
-    return value if is_anonymous_id(value) else None
+    # The escapes encode_cookie() writes, undone by hand: the same result as unquote()
+    # whenever no other escape is left, at a fraction of its cost.
+    value = raw.replace("%2B", "+").replace("%2F", "/").replace("%3D", "=")
+    if "%" in value:
+        value = unquote(raw)
+    return value if _ANONYMOUS_ID.fullmatch(value) is not None else None
 
 
 @functools.lru_cache(maxsize=256)

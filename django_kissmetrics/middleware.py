@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
 
 from .backends import get_backend
 from .conf import get_settings
-from .identity import cookie_domain, decode_cookie, encode_cookie
+from .cookies import anonymous_cookie, cookie_domain_for
+from .identity import decode_cookie, encode_cookie
 from .tracker import SESSION_BROWSER, RequestTracker, _current
 
 logger = logging.getLogger(__name__)
@@ -21,50 +23,61 @@ logger = logging.getLogger(__name__)
 __all__ = ["KissmetricsMiddleware"]
 
 
-def _do_not_track(request: HttpRequest) -> bool:
-    # META, not request.headers: building the headers mapping costs more than the check.
-    meta = request.META
-    return meta.get("HTTP_DNT") == "1" or meta.get("HTTP_SEC_GPC") == "1"
+#: User agent -> whether IGNORE_USER_AGENTS matches it. A site sees a few hundred
+#: distinct agents; the regular expression runs once for each.
+_bots: dict[str, bool] = {}
 
 
-@functools.lru_cache(maxsize=1024)
 def _is_bot(agent: str, pattern: re.Pattern[str]) -> bool:
-    # A site sees a few hundred distinct user agents: cache the regex's answer.
-    return pattern.search(agent) is not None
+    try:
+        return _bots[agent]
+    except KeyError:
+        pass
+    answer = pattern.search(agent[:512]) is not None
+    if len(_bots) >= 1024:
+        _bots.clear()  # Bounded, whatever agents visitors send.
+    _bots[agent] = answer
+    return answer
+
+
+@receiver(setting_changed, dispatch_uid="django_kissmetrics.middleware")
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting == "KISSMETRICS":
+        _bots.clear()  # The pattern may have changed.
 
 
 def start(request: HttpRequest) -> RequestTracker:
-    """Make the request's tracker: decide whether this visitor is tracked, read ``km_ai``."""
+    """Make the request's tracker (``request.km``): is this visitor tracked, what is ``km_ai``.
+
+    Never raises: a failure here must not cost the visitor the page.
+    """
+    try:
+        tracker = _make_tracker(request)
+    except Exception:
+        logger.exception("Kissmetrics: error while starting a request; not tracking it")
+        tracker = RequestTracker(request, active=False, allow_explicit=False)
+    request.km = tracker  # type: ignore[attr-defined]
+    return tracker
+
+
+def _make_tracker(request: HttpRequest) -> RequestTracker:
     conf = get_settings()
-    if not conf.enabled:
+    # META, not request.headers: building the headers mapping costs more than the checks.
+    meta = request.META
+    if not conf.enabled or (
+        conf.HONOR_DNT and (meta.get("HTTP_DNT") == "1" or meta.get("HTTP_SEC_GPC") == "1")
+    ):
         return RequestTracker(request, active=False, allow_explicit=False)
-    if conf.HONOR_DNT and _do_not_track(request):
-        return RequestTracker(request, active=False, allow_explicit=False)
-    agent = request.META.get("HTTP_USER_AGENT", "")
+    bots = conf.IGNORE_USER_AGENTS
     if request.path_info.startswith(conf.EXCLUDE_PATHS) or (
-        conf.IGNORE_USER_AGENTS is not None and _is_bot(agent[:512], conf.IGNORE_USER_AGENTS)
+        bots is not None and _is_bot(meta.get("HTTP_USER_AGENT", ""), bots)
     ):
         # Not this visitor, but code here may still track someone by name
         # (an admin action about a customer).
         return RequestTracker(request, active=False, allow_explicit=True)
-    anonymous = decode_cookie(request.COOKIES.get(conf.COOKIE_NAME))
-    return RequestTracker(request, anonymous_id=anonymous)
-
-
-def cookie_domain_for(request: HttpRequest) -> str | None:
-    """The ``Domain`` of ``km_ai`` for this request (``None``: host-only)."""
-    try:
-        host = request.get_host()
-    except Exception:  # DisallowedHost: Django answers 400 elsewhere; no Domain here.
-        return None
-    return cookie_domain(host, get_settings().COOKIE_DOMAIN)
-
-
-def deliver(tracker: RequestTracker) -> None:
-    """Send the request's commands to the backend as one delivery."""
-    commands = tracker.close()
-    if commands:
-        tracker._send(commands)
+    return RequestTracker(
+        request, anonymous_id=decode_cookie(request.COOKIES.get(conf.COOKIE_NAME))
+    )
 
 
 def write_cookies(tracker: RequestTracker, response: HttpResponseBase) -> None:
@@ -74,15 +87,12 @@ def write_cookies(tracker: RequestTracker, response: HttpResponseBase) -> None:
     conf = get_settings()
     request = tracker.request
     domain = cookie_domain_for(request)
-    response.set_cookie(
+    response.cookies[conf.COOKIE_NAME] = anonymous_cookie(
         conf.COOKIE_NAME,
         encode_cookie(tracker.anonymous_id),
         max_age=conf.COOKIE_MAX_AGE,
-        path="/",
         domain=domain,
         secure=request.is_secure(),
-        httponly=False,  # The JavaScript library must read it.
-        samesite="Lax",
     )
     if tracker.logged_out:
         response.delete_cookie("km_ni", path="/", domain=domain, samesite="Lax")
@@ -106,9 +116,13 @@ def keep_browser_commands(tracker: RequestTracker) -> None:
 def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
     """Everything the middleware does as the response leaves; never raises."""
     try:
-        deliver(tracker)
-        write_cookies(tracker, response)
-        keep_browser_commands(tracker)
+        commands = tracker.close()
+        if commands:
+            tracker._send(commands)
+        if tracker.new_anonymous_id:
+            write_cookies(tracker, response)
+        if tracker.browser:
+            keep_browser_commands(tracker)
     except Exception:
         logger.exception("Kissmetrics: error while finishing a request")
 
@@ -136,7 +150,7 @@ class KissmetricsMiddleware:
         """Handle one request (returns a coroutine under ASGI)."""
         if self.async_mode:
             return self.__acall__(request)
-        tracker = self._start(request)
+        tracker = start(request)
         token = _current.set(tracker)
         try:
             response = self.get_response(request)
@@ -147,7 +161,7 @@ class KissmetricsMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         """The ASGI path: the same, without blocking the event loop."""
-        tracker = self._start(request)
+        tracker = start(request)
         token = _current.set(tracker)
         try:
             response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
@@ -165,13 +179,3 @@ class KissmetricsMiddleware:
         else:
             finish(tracker, response)
         return response
-
-    @staticmethod
-    def _start(request: HttpRequest) -> RequestTracker:
-        try:
-            tracker = start(request)
-        except Exception:
-            logger.exception("Kissmetrics: error while starting a request; not tracking it")
-            tracker = RequestTracker(request, active=False, allow_explicit=False)
-        request.km = tracker  # type: ignore[attr-defined]
-        return tracker

@@ -1,18 +1,17 @@
 """A per-process publisher that puts commands on the Celery queue off the request thread.
 
-A request only appends its commands to a bounded in-memory queue (microseconds); a
-daemon thread publishes one Celery message per short window, coalescing the commands
-of several requests. Started lazily, restarted after ``fork``, flushed at exit.
+A request only appends its commands to a bounded in-memory buffer (well under a
+microsecond); a daemon thread publishes one Celery message per short window, coalescing
+the commands of several requests. Started lazily, restarted after ``fork``, flushed at exit.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
-import queue
 import threading
-import time
 from collections.abc import Sequence
 
 from .commands import Command
@@ -24,7 +23,6 @@ __all__ = ["Publisher", "get_publisher", "publish"]
 
 #: The most commands one Celery message carries.
 MAX_BATCH = 500
-_STOP = object()
 
 
 def publish(commands: Sequence[Command]) -> None:
@@ -40,8 +38,12 @@ def publish(commands: Sequence[Command]) -> None:
     conf = get_settings()
     try:
         result = deliver.apply_async(
-            args=([c.to_dict() for c in commands],),
+            args=([c.to_wire() for c in commands],),
             queue=conf.CELERY_QUEUE,  # type: ignore[arg-type]  # None: the default queue.
+            # Celery would otherwise put a repr() of every command in the message
+            # headers for monitoring tools: the dearest part of publishing a batch.
+            argsrepr=f"[<{len(commands)} Kissmetrics commands>]",  # type: ignore[call-arg]
+            kwargsrepr="{}",
             # Celery's default retry policy holds the caller for seconds when the broker
             # is down; fail fast instead and fall back below.
             retry=True,
@@ -62,69 +64,73 @@ def publish(commands: Sequence[Command]) -> None:
 
 
 class Publisher:
-    """The background thread and its bounded queue."""
+    """The background thread and its bounded buffer.
+
+    A request's hand-over is a ``deque.append``: no lock, and the thread is woken only
+    by the first submission of a window, not by every request.
+    """
 
     def __init__(self, maxsize: int, window: float) -> None:
-        self.queue: queue.Queue[object] = queue.Queue(maxsize)
+        self.maxsize = maxsize
         self.window = window
+        #: Submitted batches not yet published.
+        self.pending: collections.deque[Sequence[Command]] = collections.deque()
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+        self._wake = threading.Event()  # Something to publish, or a flush.
+        self._hurry = threading.Event()  # A flush: end the window now.
+        self._scheduled = False
+        self._stopping = False
         self.thread = threading.Thread(target=self._run, name="kissmetrics-publisher", daemon=True)
         self.thread.start()
 
     def submit(self, commands: Sequence[Command]) -> None:
-        """Hand ``commands`` over without blocking; log them if the queue is full."""
-        try:
-            self.queue.put_nowait(list(commands))
-        except queue.Full:
+        """Hand ``commands`` over without blocking; log them if the buffer is full."""
+        if len(self.pending) >= self.maxsize:
             from .delivery import give_up
 
             give_up(commands, None, "publisher queue full")
+            return
+        self.pending.append(tuple(commands))
+        if not self._scheduled:
+            self._scheduled = True
+            self._wake.set()
 
     def flush(self, timeout: float = 5.0) -> None:
         """Publish everything submitted so far; wait at most ``timeout`` seconds."""
-        done = threading.Event()
-        try:
-            self.queue.put(done, timeout=timeout)
-        except queue.Full:
+        if not self.thread.is_alive():
             return
+        done = threading.Event()
+        self._waiters.append(done)
+        self._hurry.set()
+        self._wake.set()
         done.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Flush and end the thread."""
+        self._stopping = True
         self.flush(timeout)
-        try:
-            self.queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            return
         self.thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            item = self.queue.get()
+            self._wake.wait()
+            self._wake.clear()
+            # Let the window fill so that one message carries many requests' commands;
+            # a flush cuts it short.
+            self._hurry.wait(self.window)
+            self._hurry.clear()
+            self._scheduled = False
+            # Waiters are taken before the commands: whatever was submitted before a
+            # flush() began is then in this round.
+            waiters = [self._waiters.popleft() for _ in range(len(self._waiters))]
             batch: list[Command] = []
-            waiters: list[threading.Event] = []
-            stop = False
-            deadline = time.monotonic() + self.window
-            while True:
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, threading.Event):
-                    waiters.append(item)
-                else:
-                    batch.extend(item)  # type: ignore[arg-type]
-                if stop or waiters or len(batch) >= MAX_BATCH:
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self.queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
+            for _ in range(len(self.pending)):
+                batch.extend(self.pending.popleft())
             for start in range(0, len(batch), MAX_BATCH):
                 publish(batch[start : start + MAX_BATCH])
             for waiter in waiters:
                 waiter.set()
-            if stop:
+            if self._stopping:
                 return
 
 

@@ -36,13 +36,13 @@ def backoff(retries: int, retry_after: float | None = None) -> float:
     max_retries=None,
     ignore_result=True,
 )
-def deliver(self: Task[Any, Any], commands: list[dict[str, Any]]) -> int:
-    """Deliver ``commands`` (``Command.to_dict()`` forms); return how many were delivered.
+def deliver(self: Task[Any, Any], commands: list[list[Any] | dict[str, Any]]) -> int:
+    """Deliver ``commands`` (``Command.to_wire()`` forms); return how many were delivered.
 
     Those that fail with a retriable error are sent again, alone, after a backoff;
     each keeps the ``_t`` of its original call, so Kissmetrics sees the same record.
     """
-    batch = [Command.from_dict(c) for c in commands]
+    batch = [Command.from_wire(c) for c in commands]
     try:
         failures = delivery.deliver(batch)
     except Exception as exc:
@@ -66,7 +66,7 @@ def deliver(self: Task[Any, Any], commands: list[dict[str, Any]]) -> int:
     retry_after = max((e.retry_after or 0.0) for _, e in retriable) or None
     try:
         raise self.retry(
-            args=([c.to_dict() for c, _ in retriable],),
+            args=([c.to_wire() for c, _ in retriable],),
             countdown=backoff(retries, retry_after),
             exc=error,
         )

@@ -12,11 +12,15 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from django.core.signals import setting_changed
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.dispatch import receiver
+from django.utils.functional import SimpleLazyObject, empty
 from django.utils.module_loading import import_string
 
 from . import commands as cmd
@@ -42,10 +46,33 @@ _current: ContextVar[RequestTracker | None] = ContextVar("kissmetrics_tracker", 
 _batch: ContextVar[list[Command] | None] = ContextVar("kissmetrics_batch", default=None)
 
 
+#: This thread's default database connection, once looked up, with the generation below.
+_thread = threading.local()
+#: Changes when DATABASES does (in tests): every thread then looks its connection up again.
+_generation = 0
+
+
+@receiver(setting_changed, dispatch_uid="django_kissmetrics.tracker")
+def _forget_connections(*, setting: str, **kwargs: Any) -> None:
+    global _generation
+    if setting == "DATABASES":
+        _generation += 1
+
+
 def _in_transaction() -> bool:
     """Inside a real ``atomic()`` block (not one a TestCase wraps each test in)."""
+    # A thread keeps its connection object for its whole life (Django's connections
+    # are per thread), but looking it up goes through asgiref's Local and costs as
+    # much as the rest of a km.record() call: look it up once per thread. Code in an
+    # event loop has a connection per task, so it always asks.
     try:
-        conn = connections[DEFAULT_DB_ALIAS]
+        if _running_loop() is not None:
+            conn = connections[DEFAULT_DB_ALIAS]
+        else:
+            cached = getattr(_thread, "connection", None)
+            if cached is None or cached[0] != _generation:
+                cached = _thread.connection = (_generation, connections[DEFAULT_DB_ALIAS])
+            conn = cached[1]
     except Exception:
         return False
     return conn.in_atomic_block and any(
@@ -53,18 +80,53 @@ def _in_transaction() -> bool:
     )
 
 
+# asyncio's own non-raising check (in its __all__): get_running_loop() raises when
+# there is no loop, which is the common case here and costs an exception each time.
+_running_loop = asyncio._get_running_loop
+
+
 def _in_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    return _running_loop() is not None
 
 
 @functools.cache
 def _identity_function(path: str) -> Callable[[Any], str]:
     func: Callable[[Any], str] = import_string(path)
     return func
+
+
+def stored_session(request: HttpRequest) -> Any:
+    """The request's session if it can hold anything, else ``None`` (and it stays unread).
+
+    A request without a session cookie has an empty session unless this request wrote
+    to it. Reading it anyway would mark it accessed, and ``SessionMiddleware`` would then
+    add ``Vary: Cookie`` to a response that an anonymous visitor's cache could share.
+    """
+    session = getattr(request, "session", None)
+    if session is None or (session.session_key is None and not session.modified):
+        return None
+    return session
+
+
+# AuthenticationMiddleware's lazy user is made by a lambda defined in this module.
+_AUTH_MIDDLEWARE = "django.contrib.auth.middleware"
+
+
+def _lazy_session_user(user: Any) -> bool:
+    """Whether ``user`` is ``AuthenticationMiddleware``'s lazy user, not yet loaded.
+
+    That user is read from the session; with no stored session it can only be
+    ``AnonymousUser``, and loading it to find out costs more than the rest of a
+    tracked call. Any other user object (set by another middleware, or already
+    loaded) is asked.
+    """
+    if type(user) is not SimpleLazyObject:
+        return False
+    state = object.__getattribute__(user, "__dict__")
+    return (
+        state.get("_wrapped") is empty
+        and getattr(state.get("_setupfunc"), "__module__", "") == _AUTH_MIDDLEWARE
+    )
 
 
 def identity_for(user: Any) -> str:
@@ -211,10 +273,13 @@ class Tracker:
             self._send([command])
 
     def _send(self, commands: list[Command]) -> None:
-        # A set whose properties were all dropped (None values) has nothing to send.
-        commands = [c for c in commands if c.kind != "set" or c.properties]
-        if not commands:
-            return
+        for command in commands:
+            if command.kind == "set" and not command.properties:
+                # A set whose properties were all dropped (None values) has nothing to send.
+                commands = [c for c in commands if c.kind != "set" or c.properties]
+                if not commands:
+                    return
+                break
         try:
             get_backend().send(commands)
         except Exception as exc:
@@ -233,6 +298,17 @@ class RequestTracker(Tracker):
     an excluded path, a bot); calls about the current person then do nothing.
     """
 
+    # Class-level defaults: a request that changes none of them pays for no assignment.
+    #: The anonymous id must be (re)written to the browser.
+    new_anonymous_id = False
+    logged_out = False
+    browser_rendered = False
+    _closed = False
+    _identity: str | None = None
+    _user_identity: tuple[Any, str | None] | None = None
+    _aliased: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
+    _signed_up: frozenset[str] | set[str] = frozenset()
+
     def __init__(
         self,
         request: HttpRequest,
@@ -245,18 +321,9 @@ class RequestTracker(Tracker):
         self.active = active
         self.allow_explicit = allow_explicit
         self.anonymous_id = anonymous_id
-        #: The anonymous id must be (re)written to the browser.
-        self.new_anonymous_id = False
-        self.logged_out = False
         self.browser: list[list[Any]] = []
-        self.browser_rendered = False
         self._buffer: list[Command] = []
         self._deferred: list[Callable[[str], Command]] = []
-        self._closed = False
-        self._identity: str | None = None
-        self._aliased: set[tuple[str, str]] = set()
-        self._signed_up: set[str] = set()
-        self._user_identity: tuple[Any, str] | None = None
         if active and anonymous_id is None:
             self.anonymous_id = new_anonymous_id()
             self.new_anonymous_id = True
@@ -273,18 +340,36 @@ class RequestTracker(Tracker):
             return None
         if self._identity is not None:
             return self._identity
-        user = getattr(self.request, "user", None)
-        if user is not None and user.is_authenticated:
+        request = self.request
+        session = getattr(request, "session", None)
+        if session is not None and session.session_key is None and not session.modified:
+            session = None  # Nothing stored: leave it unread (see stored_session()).
+        user = getattr(request, "user", None)
+        if (
+            user is not None
+            and (session is not None or not _lazy_session_user(user))
+            and user.is_authenticated
+        ):
             cached = self._user_identity
             if cached is None or cached[0] is not user:
-                cached = self._user_identity = (user, identity_for(user))
-            return cached[1]
-        session = getattr(self.request, "session", None)
+                cached = self._user_identity = (user, self._named_identity(user))
+            if cached[1] is not None:
+                return cached[1]
         if session is not None:
             named = session.get(SESSION_IDENTITY)
             if isinstance(named, str) and named:
-                return named
+                return cmd._identity(named)
         return self.anonymous_id
+
+    @staticmethod
+    def _named_identity(user: Any) -> str | None:
+        try:
+            return cmd._identity(identity_for(user))
+        except Exception:
+            # A broken IDENTITY function must not turn the visitor's page into a 500:
+            # the request is tracked under the anonymous id, and the error logged.
+            logger.exception("Kissmetrics: IDENTITY failed for user %r", getattr(user, "pk", None))
+            return None
 
     @property
     def named(self) -> bool:
@@ -322,7 +407,7 @@ class RequestTracker(Tracker):
         self.identify(named)
         event = get_settings().SIGNUP_EVENT
         if event and named not in self._signed_up:
-            self._signed_up.add(named)
+            self._signed_up = {*self._signed_up, named}
             self.record(event)
 
     def logout(self) -> None:
@@ -336,6 +421,28 @@ class RequestTracker(Tracker):
         self.browser = [c for c in self.browser if c[0] != "identify"]
         self.browser.insert(0, ["clearIdentity"])
 
+    def record(
+        self,
+        event: str,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        identity: str | None = None,
+        timestamp: dt.datetime | float | None = None,
+    ) -> None:
+        """Record ``event`` with ``properties`` for ``identity`` (default: the current person)."""
+        if identity is not None or not self.active or _running_loop() is not None:
+            super().record(event, properties, identity=identity, timestamp=timestamp)
+            return
+        # The common call, about the current person in a sync view, in a straight line:
+        # it runs on every tracked request.
+        command = cmd._record(self.identity, event, properties, timestamp)  # type: ignore[arg-type]
+        if _in_transaction():
+            transaction.on_commit(functools.partial(self._add, command))
+        elif self._closed:
+            self._send([command])
+        else:
+            self._buffer.append(command)
+
     def push_browser(self, command: list[Any]) -> None:
         """Queue a raw ``_kmq.push`` command for the page."""
         if self.active:
@@ -343,14 +450,15 @@ class RequestTracker(Tracker):
 
     def close(self) -> list[Command]:
         """End the request: return its commands; later ones are sent on their own."""
-        for make in self._deferred:
-            person = self.identity
-            if person:
-                try:
-                    self._buffer.append(make(person))
-                except (TypeError, ValueError):
-                    logger.exception("Kissmetrics: dropped a malformed command")
-        self._deferred.clear()
+        if self._deferred:
+            for make in self._deferred:
+                person = self.identity
+                if person:
+                    try:
+                        self._buffer.append(make(person))
+                    except (TypeError, ValueError):
+                        logger.exception("Kissmetrics: dropped a malformed command")
+            self._deferred.clear()
         self._closed = True
         commands, self._buffer = self._buffer, []
         return commands
@@ -364,7 +472,7 @@ class RequestTracker(Tracker):
         anonymous = self.anonymous_id
         if not anonymous or anonymous == named or (anonymous, named) in self._aliased:
             return
-        self._aliased.add((anonymous, named))
+        self._aliased = {*self._aliased, (anonymous, named)}
         # Remembered in the session too: logging in again the next day is not a new join.
         session = getattr(self.request, "session", None)
         pair = [anonymous, named]
@@ -375,14 +483,13 @@ class RequestTracker(Tracker):
         self._emit(cmd.make_alias(anonymous, named))
 
     def _allowed(self, *, explicit: bool) -> bool:
-        if not get_settings().enabled:
-            return False
+        # Both flags are false when tracking is off: start() decided with the settings.
         return self.allow_explicit if explicit else self.active
 
     def _person(self, identity: str | None) -> Any:
         if identity is not None:
-            return identity if self._allowed(explicit=True) else None
-        if not self._allowed(explicit=False):
+            return identity if self.allow_explicit else None
+        if not self.active:
             return None
         if self._identity is None and _in_event_loop():
             # Working out the user may query the database, which async code must not
@@ -420,7 +527,9 @@ class _Km:
         timestamp: dt.datetime | float | None = None,
     ) -> None:
         """Record ``event`` (see :meth:`Tracker.record`)."""
-        current_tracker().record(event, properties, identity=identity, timestamp=timestamp)
+        (_current.get() or _detached).record(
+            event, properties, identity=identity, timestamp=timestamp
+        )
 
     def set(
         self,

@@ -1,4 +1,4 @@
-"""Test helpers: a backend that counts deliveries, an identity function by e-mail."""
+"""Test helpers: a backend that counts deliveries, identity functions (by e-mail, broken)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ class CountingBackend(BaseBackend):
 
 def email_identity(user: Any) -> str:
     return str(user.email)
+
+
+def empty_identity(user: Any) -> str:
+    """A broken IDENTITY: an empty identity is not one."""
+    return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from decimal import Decimal
 
@@ -117,8 +118,13 @@ def test_wrong_types_are_developer_errors() -> None:
 
 def test_round_trip_through_json() -> None:
     command = make_record("p", "E", {"a": 1})
-    assert Command.from_dict(command.to_dict()) == command
+    assert Command.from_dict(json.loads(json.dumps(command.to_dict()))) == command
+    wire = json.loads(json.dumps(command.to_wire()))
+    assert wire == ["record", "p", "E", {"a": "1"}, command.timestamp]
+    assert Command.from_wire(wire) == command
+    assert Command.from_wire(command.to_dict()) == command  # The long form is read too.
     alias = make_alias("a", "b")
+    assert Command.from_wire(json.loads(json.dumps(alias.to_wire()))) == alias
     assert alias.params("k") == [("_k", "k"), ("_p", "a"), ("_n", "b")]
 
 

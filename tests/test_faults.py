@@ -370,7 +370,7 @@ def test_worker_without_an_api_key_logs_the_commands(
     km_settings(BACKEND="celery", TRACKING_URL=via_celery.url, API_KEY=None, **FAST_RETRIES)
     command = make_record("ann", "Keyless", {"plan": "pro"})
     with caplog.at_level(logging.ERROR, logger="django_kissmetrics"):
-        deliver.delay([command.to_dict()])
+        deliver.delay([command.to_wire()])
         wait_until(lambda: bool(failed), 15, "delivery_failed")
     assert failed == [[command]]
     (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

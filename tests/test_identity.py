@@ -9,6 +9,8 @@ from urllib.parse import quote, unquote
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
+from hypothesis import given
+from hypothesis import strategies as st
 
 from django_kissmetrics.commands import Command
 from django_kissmetrics.identity import (
@@ -40,6 +42,32 @@ def test_cookie_encoding_is_encode_uri_component() -> None:
     assert encode_cookie("a!~*'()b") == "a!~*'()b"
     assert decode_cookie("ab%2B%2F%3D") == "ab+/="
     assert decode_cookie("ab+c") == "ab+c"  # "+" is data, not a space.
+
+
+# Cookie values as a browser may send them: the Base64 alphabet, escapes (upper and
+# lower case, valid or not) and anything else.
+cookie_text = st.lists(
+    st.sampled_from(["%2B", "%2F", "%3D", "%2b", "%2f", "%3d", "%25", "%", "%2", "%41", "%ZZ"])
+    | st.text(alphabet="ABCxyz019+/=", min_size=1, max_size=4)
+    | st.text(max_size=3),
+    max_size=12,
+).map("".join)
+
+
+@given(raw=cookie_text)
+def test_decoding_agrees_with_unquote(raw: str) -> None:
+    # The hand-written fast path must give what unquote() gives, or reject the value.
+    expected = unquote(raw) if raw and len(raw) <= 1024 else None
+    if expected is not None and not is_anonymous_id(expected):
+        expected = None
+    assert decode_cookie(raw) == expected
+
+
+@given(value=st.text(alphabet="ABCxyz019+/=", min_size=1) | st.text())
+def test_encoding_agrees_with_quote(value: str) -> None:
+    assert encode_cookie(value) == quote(value, safe="!~*'()")
+    if is_anonymous_id(value):
+        assert decode_cookie(encode_cookie(value)) == value
 
 
 @pytest.mark.parametrize(
@@ -228,3 +256,82 @@ def test_logged_in_identity_costs_nothing_beyond_auth(
     with django_assert_num_queries(len(baseline)):  # type: ignore[operator]
         client.get("/record/?event=X")
     assert km_outbox[-1].person == str(user.pk)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+@pytest.mark.parametrize("domain", [None, "www.shop.test"])
+def test_prepared_cookie_is_what_django_writes(secure: bool, domain: str | None) -> None:
+    from django.http import HttpResponse
+
+    from django_kissmetrics.cookies import anonymous_cookie
+
+    value = encode_cookie(new_anonymous_id())
+    ours = HttpResponse()
+    ours.cookies["km_ai"] = anonymous_cookie(
+        "km_ai", value, max_age=3600, domain=domain, secure=secure
+    )
+    django = HttpResponse()
+    django.set_cookie("km_ai", value, max_age=3600, domain=domain, secure=secure, samesite="Lax")
+    ours_text, django_text = ours.cookies["km_ai"].output(), django.cookies["km_ai"].output()
+    # Both may straddle a second boundary: compare without the expiry date.
+    strip = re.compile(r"expires=[^;]+; ")
+    assert strip.sub("", ours_text) == strip.sub("", django_text)
+    assert "expires=" in ours_text
+    assert dict(ours.cookies["km_ai"]) | {"expires": ""} == dict(django.cookies["km_ai"]) | {
+        "expires": ""
+    }
+    assert ours.cookies["km_ai"].value == value
+
+
+def test_prepared_cookie_can_still_be_changed_and_pickled() -> None:
+    import pickle
+
+    from django_kissmetrics.cookies import anonymous_cookie
+
+    cookie = anonymous_cookie("km_ai", "abc%3D", max_age=60, domain=None, secure=False)
+    cookie["path"] = "/shop/"
+    assert "Path=/shop/" in cookie.output()
+    cookie.set("km_ai", "other", "other")
+    assert cookie.output().startswith("Set-Cookie: km_ai=other;")
+    copy = pickle.loads(pickle.dumps(cookie))
+    assert copy.output() == cookie.output()
+
+
+def test_anonymous_request_leaves_session_and_user_unread(client: Client) -> None:
+    # Without a session cookie, AuthenticationMiddleware's user can only be anonymous:
+    # neither it nor the session is loaded, and no "Vary: Cookie" is added.
+    response = client.get("/record/?event=Viewed")
+    request = response.wsgi_request
+    from django.utils.functional import empty
+
+    assert request.user._wrapped is empty  # type: ignore[attr-defined]
+    assert not request.session.accessed  # type: ignore[attr-defined]
+    assert "Vary" not in response
+
+
+def test_error_while_starting_is_logged_and_the_page_served(
+    client: Client, km_outbox: list[Command], monkeypatch: pytest.MonkeyPatch, caplog: object
+) -> None:
+    from django_kissmetrics import middleware
+
+    def broken(raw: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(middleware, "decode_cookie", broken)
+    response = client.get("/record/")
+    assert response.status_code == 200
+    assert km_outbox == []
+    assert "error while starting a request" in caplog.text  # type: ignore[attr-defined]
+
+
+def test_broken_identity_function_falls_back_to_the_anonymous_id(
+    client: Client, km_outbox: list[Command], km_settings: object, caplog: object
+) -> None:
+    km_settings(BACKEND="locmem", IDENTITY="tests.backends.empty_identity")  # type: ignore[operator]
+    client.cookies["km_ai"] = encode_cookie(anonymous := new_anonymous_id())
+    client.force_login(User.objects.create_user("dee", password="pw"))
+    km_outbox.clear()
+    response = client.get("/record/")
+    assert response.status_code == 200
+    assert km_outbox[-1].person == anonymous
+    assert "IDENTITY failed" in caplog.text  # type: ignore[attr-defined]

@@ -12,8 +12,8 @@ from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
 from ..conf import get_settings
-from ..middleware import cookie_domain_for
-from ..tracker import SESSION_BROWSER, RequestTracker
+from ..cookies import cookie_domain_for
+from ..tracker import SESSION_BROWSER, RequestTracker, stored_session
 
 logger = logging.getLogger(__name__)
 register = template.Library()
@@ -40,7 +40,7 @@ def js_value(value: Any) -> str:
 
 def page_commands(tracker: RequestTracker) -> list[list[Any]]:
     """The ``_kmq.push`` commands for this page, in order; each is emitted once."""
-    session = getattr(tracker.request, "session", None)
+    session = stored_session(tracker.request)
     pending = session.pop(SESSION_BROWSER, []) if session is not None else []
     queued = [*pending, *tracker.browser]
     # Taken, not copied: a template that renders the tag twice sends no event twice.

@@ -1,0 +1,136 @@
+"""Writing ``km_ai``: its ``Domain`` for a request, and its ``Set-Cookie`` made cheaply.
+
+A first visit is the one request that writes the cookie. Django builds a cookie
+attribute by attribute and formats it again for the response; here the attributes are
+built once by Django's own ``set_cookie()`` and the header text once per second, and
+each new visitor's cookie only fills in its value.
+"""
+
+from __future__ import annotations
+
+import time
+from http.cookies import Morsel
+from typing import Any
+
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+from django.http import HttpRequest, HttpResponseBase
+from django.utils.http import http_date
+
+from .conf import get_settings
+from .identity import cookie_domain
+
+__all__ = ["AnonymousCookie", "anonymous_cookie", "cookie_domain_for"]
+
+#: (X-Forwarded-Host, Host) headers that passed ``request.get_host()`` -> cookie domain.
+_domains: dict[tuple[str | None, str], str | None] = {}
+#: The settings ``get_host()`` validates a host against.
+_HOST_SETTINGS = frozenset(
+    {"ALLOWED_HOSTS", "DEBUG", "USE_X_FORWARDED_HOST", "USE_X_FORWARDED_PORT", "KISSMETRICS"}
+)
+
+
+def cookie_domain_for(request: HttpRequest) -> str | None:
+    """The ``Domain`` of ``km_ai`` for this request (``None``: host-only)."""
+    configured = get_settings().COOKIE_DOMAIN
+    if configured:
+        return configured
+    # A site answers to a handful of hosts: validating one with get_host() each time
+    # costs more than everything else the middleware does for a returning visitor.
+    meta = request.META
+    key = (meta.get("HTTP_X_FORWARDED_HOST"), meta.get("HTTP_HOST", ""))
+    try:
+        return _domains[key]
+    except KeyError:
+        pass
+    try:
+        host = request.get_host()
+    except Exception:  # DisallowedHost: Django answers 400 elsewhere; no Domain here.
+        return None
+    domain = cookie_domain(host, None)
+    if key[1]:  # Without a Host header get_host() uses SERVER_NAME: not worth a key.
+        if len(_domains) >= 256:
+            _domains.clear()  # Bounded, whatever hosts ALLOWED_HOSTS lets in.
+        _domains[key] = domain
+    return domain
+
+
+@receiver(setting_changed, dispatch_uid="django_kissmetrics.cookies")
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting in _HOST_SETTINGS:
+        _domains.clear()
+        _prepared.clear()
+
+
+class AnonymousCookie(Morsel[str]):
+    """``km_ai`` for ``response.cookies``: a real ``Morsel`` with its text prepared.
+
+    Every attribute is there for code that reads ``response.cookies``; ``OutputString``
+    returns the prepared text while the cookie is as it was made, and formats it the
+    usual way once anything was changed.
+    """
+
+    _text: str | None = None
+    #: (name, value, attributes) the text was made from.
+    _made: tuple[str, str, dict[str, Any]] | None = None
+
+    def __init__(self, name: str, value: str, attributes: dict[str, Any], text: str) -> None:
+        # Not Morsel.__init__, which sets every attribute to "" only for them to be
+        # overwritten, nor Morsel.set(), which checks the name again: Django's
+        # set_cookie() checked it when the attributes were prepared.
+        dict.update(self, attributes)
+        self._key = name
+        self._value = self._coded_value = value
+        self._made = (name, value, attributes)
+        self._text = text
+
+    def OutputString(self, attrs: Any = None) -> str:
+        """The ``Set-Cookie`` value."""
+        made = self._made
+        if (
+            made is not None
+            and attrs is None
+            and self._key is made[0]
+            and self._coded_value is made[1]
+            and dict.__eq__(self, made[2])
+        ):
+            return self._text  # type: ignore[return-value]
+        return super().OutputString(attrs)
+
+
+#: (name, max age, domain, secure) -> (expiry second, attributes, text with a "\0" value).
+_prepared: dict[tuple[str, int, str | None, bool], tuple[int, dict[str, Any], str]] = {}
+
+
+def _prepare(name: str, max_age: int, domain: str | None, secure: bool, at: int) -> Any:
+    response = HttpResponseBase()
+    # Django's own set_cookie(), so the attributes are exactly what it writes.
+    response.set_cookie(
+        name,
+        "",
+        max_age=max_age,
+        path="/",
+        domain=domain,
+        secure=secure,
+        httponly=False,  # The JavaScript library must read it.
+        samesite="Lax",
+    )
+    morsel = response.cookies[name]
+    morsel["expires"] = http_date(at)
+    morsel.set(name, "\0", "\0")  # A value no encoded id contains: replaced per visitor.
+    return at, dict(morsel), morsel.OutputString()
+
+
+def anonymous_cookie(
+    name: str, value: str, *, max_age: int, domain: str | None, secure: bool
+) -> AnonymousCookie:
+    """The ``km_ai`` cookie holding ``value`` (already percent-encoded: no quoting)."""
+    at = int(time.time()) + max_age
+    key = (name, max_age, domain, secure)
+    prepared = _prepared.get(key)
+    if prepared is None or prepared[0] != at:
+        if len(_prepared) >= 64:
+            _prepared.clear()
+        prepared = _prepared[key] = _prepare(name, max_age, domain, secure, at)
+    _, attributes, text = prepared
+    return AnonymousCookie(name, value, attributes, text.replace("\0", value, 1))
