@@ -164,8 +164,13 @@ class BrowserPage:
         return response
 
     def library(self, timeout: float = 5_000) -> Library:
-        """Wait for the stand-in library to have run on this page; what it saw."""
-        self.page.wait_for_function("() => window.__km && window.__km.ready", timeout=timeout)
+        """Wait for both library scripts to have run on this page; what the library saw."""
+        # The loader fetches the two scripts asynchronously and in either order: the main
+        # one sets `ready`, and i.js may still be on its way.
+        self.page.wait_for_function(
+            "() => window.__km && window.__km.ready && window.__km.loads.length >= 2",
+            timeout=timeout,
+        )
         raw = self.page.evaluate("() => ({...window.__km, identity: window.KM.i()})")
         return Library(
             loads=raw["loads"],
