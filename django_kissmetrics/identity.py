@@ -58,7 +58,7 @@ def decode_cookie(raw: str | None) -> str | None:
     value = raw.replace("%2B", "+").replace("%2F", "/").replace("%3D", "=")
     if "%" in value:
         value = unquote(raw)
-    return value if _ANONYMOUS_ID.fullmatch(value) is not None else None
+    return value if is_anonymous_id(value) else None
 
 
 @functools.lru_cache(maxsize=256)

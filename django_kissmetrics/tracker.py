@@ -341,9 +341,7 @@ class RequestTracker(Tracker):
         if self._identity is not None:
             return self._identity
         request = self.request
-        session = getattr(request, "session", None)
-        if session is not None and session.session_key is None and not session.modified:
-            session = None  # Nothing stored: leave it unread (see stored_session()).
+        session = stored_session(request)
         user = getattr(request, "user", None)
         if (
             user is not None
