@@ -20,7 +20,7 @@ from django.utils.http import http_date
 from .conf import get_settings
 from .identity import cookie_domain
 
-__all__ = ["AnonymousCookie", "anonymous_cookie", "cookie_domain_for"]
+__all__ = ["AnonymousCookie", "anonymous_cookie", "cookie_domain_for", "set_anonymous_cookie"]
 
 #: (X-Forwarded-Host, Host) headers that passed ``request.get_host()`` -> cookie domain.
 _domains: dict[tuple[str | None, str], str | None] = {}
@@ -60,6 +60,7 @@ def _reset(*, setting: str, **kwargs: Any) -> None:
     if setting in _HOST_SETTINGS:
         _domains.clear()
         _prepared.clear()
+        _by_host.clear()
 
 
 class AnonymousCookie(Morsel[str]):
@@ -100,6 +101,9 @@ class AnonymousCookie(Morsel[str]):
 
 #: (name, max age, domain, secure) -> (expiry second, attributes, text with a "\0" value).
 _prepared: dict[tuple[str, int, str | None, bool], tuple[int, dict[str, Any], str]] = {}
+#: (X-Forwarded-Host, Host, secure) -> the _prepared entry for that request's cookie: what
+#: set_anonymous_cookie() needs, in one lookup. Cleared with the settings it depends on.
+_by_host: dict[tuple[str | None, str, bool], tuple[int, dict[str, Any], str]] = {}
 
 
 def _prepare(name: str, max_age: int, domain: str | None, secure: bool, at: int) -> Any:
@@ -121,16 +125,45 @@ def _prepare(name: str, max_age: int, domain: str | None, secure: bool, at: int)
     return at, dict(morsel), morsel.OutputString()
 
 
-def anonymous_cookie(
-    name: str, value: str, *, max_age: int, domain: str | None, secure: bool
-) -> AnonymousCookie:
-    """The ``km_ai`` cookie holding ``value`` (already percent-encoded: no quoting)."""
-    at = int(time.time()) + max_age
+def _prepared_for(
+    name: str, max_age: int, domain: str | None, secure: bool, at: int
+) -> tuple[int, dict[str, Any], str]:
     key = (name, max_age, domain, secure)
     prepared = _prepared.get(key)
     if prepared is None or prepared[0] != at:
         if len(_prepared) >= 64:
             _prepared.clear()
         prepared = _prepared[key] = _prepare(name, max_age, domain, secure, at)
-    _, attributes, text = prepared
+    return prepared
+
+
+def anonymous_cookie(
+    name: str, value: str, *, max_age: int, domain: str | None, secure: bool
+) -> AnonymousCookie:
+    """The ``km_ai`` cookie holding ``value`` (already percent-encoded: no quoting)."""
+    _, attributes, text = _prepared_for(name, max_age, domain, secure, int(time.time()) + max_age)
     return AnonymousCookie(name, value, attributes, text.replace("\0", value, 1))
+
+
+def set_anonymous_cookie(response: HttpResponseBase, request: HttpRequest, value: str) -> None:
+    """Put ``km_ai`` holding ``value`` (percent-encoded) on ``response`` for ``request``.
+
+    :func:`cookie_domain_for` and :func:`anonymous_cookie` in one step: a first visit's
+    cookie costs one lookup per ``Host`` header and second.
+    """
+    conf = get_settings()
+    secure = request.is_secure()
+    meta = request.META
+    key = (meta.get("HTTP_X_FORWARDED_HOST"), meta.get("HTTP_HOST", ""), secure)
+    at = int(time.time()) + conf.COOKIE_MAX_AGE
+    name = conf.COOKIE_NAME
+    ready = _by_host.get(key)
+    if ready is None or ready[0] != at:
+        domain = cookie_domain_for(request)
+        ready = _prepared_for(name, conf.COOKIE_MAX_AGE, domain, secure, at)
+        if key[1]:  # As in cookie_domain_for(): no Host header, no key.
+            if len(_by_host) >= 256:
+                _by_host.clear()
+            _by_host[key] = ready
+    _, attributes, text = ready
+    response.cookies[name] = AnonymousCookie(name, value, attributes, text.replace("\0", value, 1))

@@ -14,8 +14,8 @@ from django.http import HttpRequest, HttpResponseBase
 
 from .backends import get_backend
 from .conf import get_settings
-from .cookies import anonymous_cookie, cookie_domain_for
-from .identity import decode_cookie, encode_cookie
+from .cookies import cookie_domain_for, set_anonymous_cookie
+from .identity import decode_cookie, encode_base64_id
 from .tracker import SESSION_BROWSER, RequestTracker, _current
 
 logger = logging.getLogger(__name__)
@@ -84,17 +84,11 @@ def write_cookies(tracker: RequestTracker, response: HttpResponseBase) -> None:
     """Set ``km_ai`` exactly as the JavaScript library would write it."""
     if not tracker.new_anonymous_id or tracker.anonymous_id is None:
         return
-    conf = get_settings()
     request = tracker.request
-    domain = cookie_domain_for(request)
-    response.cookies[conf.COOKIE_NAME] = anonymous_cookie(
-        conf.COOKIE_NAME,
-        encode_cookie(tracker.anonymous_id),
-        max_age=conf.COOKIE_MAX_AGE,
-        domain=domain,
-        secure=request.is_secure(),
-    )
+    # Only new_anonymous_id() sets it when new_anonymous_id is true: Base64.
+    set_anonymous_cookie(response, request, encode_base64_id(tracker.anonymous_id))
     if tracker.logged_out:
+        domain = cookie_domain_for(request)
         response.delete_cookie("km_ni", path="/", domain=domain, samesite="Lax")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from typing import Any
 from urllib.parse import quote, unquote
 
 import pytest
@@ -120,6 +121,35 @@ def test_first_visit_gets_km_ai_in_the_library_form(client: Client) -> None:
 def test_https_cookie_is_secure(client: Client) -> None:
     response = client.get("/nothing/", secure=True, HTTP_HOST="www.shop.test")
     assert "Secure" in raw_set_cookie(response)
+
+
+def test_each_first_visit_gets_its_own_hosts_attributes(client: Client, settings: Any) -> None:
+    # The prepared cookie is kept per Host header and scheme: one request's Domain or
+    # Secure must never leak into another's.
+    settings.USE_X_FORWARDED_HOST = True
+    visits = [
+        ({"HTTP_HOST": "www.shop.test"}, False, "Domain=www.shop.test"),
+        ({"HTTP_HOST": "www.shop.test"}, True, "Domain=www.shop.test"),
+        ({"HTTP_HOST": "shop.test:8443"}, True, "Domain=shop.test"),
+        ({"HTTP_HOST": "localhost:8000"}, False, None),
+        (
+            {"HTTP_HOST": "localhost:8000", "HTTP_X_FORWARDED_HOST": "eu.shop.test"},
+            False,
+            "Domain=eu.shop.test",
+        ),
+        ({"HTTP_HOST": "www.shop.test"}, False, "Domain=www.shop.test"),
+    ]
+    values = set()
+    for headers, secure, domain in visits * 2:  # The second pass comes from the caches.
+        client.cookies.clear()
+        header = raw_set_cookie(client.get("/nothing/", secure=secure, **headers))
+        assert ("Secure" in header.split("; ")) is secure, header
+        if domain is None:
+            assert "Domain=" not in header, header
+        else:
+            assert domain in header.split("; "), header
+        values.add(header.split(";")[0])
+    assert len(values) == len(visits) * 2  # A new id each time.
 
 
 def test_localhost_gets_a_host_only_cookie(client: Client) -> None:

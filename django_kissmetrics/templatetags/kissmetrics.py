@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -38,6 +39,16 @@ def js_value(value: Any) -> str:
     return text.translate(_ESCAPES)
 
 
+@functools.lru_cache(maxsize=64)
+def _head(api_key: str | None, domain: str | None) -> list[str]:
+    # The same for every page of a host: made once, not with two json.dumps per page.
+    lines = ["var _kmq = _kmq || [];", f"var _kmk = _kmk || {js_value(api_key)};"]
+    if domain:
+        lines.append(f"var KM_COOKIE_DOMAIN = {js_value(domain)};")
+    lines.append(LOADER)
+    return lines
+
+
 def page_commands(tracker: RequestTracker) -> list[list[Any]]:
     """The ``_kmq.push`` commands for this page, in order; each is emitted once."""
     session = stored_session(tracker.request)
@@ -46,10 +57,12 @@ def page_commands(tracker: RequestTracker) -> list[list[Any]]:
     # Taken, not copied: a template that renders the tag twice sends no event twice.
     tracker.browser = []
     tracker.browser_rendered = True
-    clear = [c for c in queued if c and c[0] == "clearIdentity"][:1]
-    rest = [c for c in queued if c and c[0] != "clearIdentity"]
     person = tracker.identity  # Worked out once: it may read the session and the user.
     identify = [["identify", person]] if person and person != tracker.anonymous_id else []
+    if not queued:
+        return identify  # Most pages.
+    clear = [c for c in queued if c and c[0] == "clearIdentity"][:1]
+    rest = [c for c in queued if c and c[0] != "clearIdentity"]
     return [*clear, *identify, *rest]
 
 
@@ -62,11 +75,7 @@ def kissmetrics_js(context: template.Context) -> SafeString | str:
         return ""
     try:
         conf = get_settings()
-        lines = ["var _kmq = _kmq || [];", f"var _kmk = _kmk || {js_value(conf.API_KEY)};"]
-        domain = cookie_domain_for(tracker.request)
-        if domain:
-            lines.append(f"var KM_COOKIE_DOMAIN = {js_value(domain)};")
-        lines.append(LOADER)
+        lines = [*_head(conf.API_KEY, cookie_domain_for(tracker.request))]
         for command in page_commands(tracker):
             try:
                 lines.append(f"_kmq.push({js_value(command)});")
