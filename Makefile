@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup demo test lint bench worker clean
+.PHONY: setup demo test test-django42 lint bench worker clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The same suite on the oldest supported Django, in a venv of its own.
+OLDEST := .venv-django42
+$(OLDEST)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q -e ".[test]" "django>=4.2,<4.3"
+	touch $@
+
+test-django42: $(OLDEST)/bin/.installed
+	$(OLDEST)/bin/python -m pytest
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -35,4 +46,4 @@ worker: setup
 	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/celery -A demo worker -l info
 
 clean:
-	rm -rf $(VENV) build *.egg-info example_project/db.sqlite3*
+	rm -rf $(VENV) $(OLDEST) build *.egg-info example_project/db.sqlite3*
