@@ -71,11 +71,14 @@ TEMPLATES = [
     }
 ]
 
+# The stand-in tracker writes each hit from another runserver thread while a page
+# request may be writing too: WAL and immediate transactions let SQLite queue those
+# writers instead of failing with "database is locked". Django 5.1 has options for
+# both; before it, demo.sqlite does the same.
 _sqlite_options: dict[str, Any] = {"timeout": 20}
+_sqlite_engine = "demo.sqlite"
 if django.VERSION >= (5, 1):
-    # The stand-in tracker writes each hit from another runserver thread while a page
-    # request may be writing its session: WAL and immediate transactions let SQLite
-    # queue those writers instead of failing with "database is locked".
+    _sqlite_engine = "django.db.backends.sqlite3"
     _sqlite_options |= {
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
@@ -83,7 +86,7 @@ if django.VERSION >= (5, 1):
 
 DATABASES = {
     "default": {
-        "ENGINE": "django.db.backends.sqlite3",
+        "ENGINE": _sqlite_engine,
         "NAME": os.environ.get("DEMO_DB") or BASE_DIR / "db.sqlite3",
         "OPTIONS": _sqlite_options,
     }
