@@ -141,7 +141,14 @@ def anonymous_cookie(
     name: str, value: str, *, max_age: int, domain: str | None, secure: bool
 ) -> AnonymousCookie:
     """The ``km_ai`` cookie holding ``value`` (already percent-encoded: no quoting)."""
-    _, attributes, text = _prepared_for(name, max_age, domain, secure, int(time.time()) + max_age)
+    return _fill(
+        name, value, _prepared_for(name, max_age, domain, secure, int(time.time()) + max_age)
+    )
+
+
+def _fill(name: str, value: str, prepared: tuple[int, dict[str, Any], str]) -> AnonymousCookie:
+    # The one place a prepared cookie gets its visitor's value, for both functions here.
+    _, attributes, text = prepared
     return AnonymousCookie(name, value, attributes, text.replace("\0", value, 1))
 
 
@@ -165,5 +172,4 @@ def set_anonymous_cookie(response: HttpResponseBase, request: HttpRequest, value
             if len(_by_host) >= 256:
                 _by_host.clear()
             _by_host[key] = ready
-    _, attributes, text = ready
-    response.cookies[name] = AnonymousCookie(name, value, attributes, text.replace("\0", value, 1))
+    response.cookies[name] = _fill(name, value, ready)

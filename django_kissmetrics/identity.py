@@ -13,6 +13,7 @@ from urllib.parse import quote, unquote
 __all__ = [
     "cookie_domain",
     "decode_cookie",
+    "encode_base64_id",
     "encode_cookie",
     "is_anonymous_id",
     "new_anonymous_id",
