@@ -8,7 +8,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
+from typing import Any
 
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.utils.module_loading import import_string
 
 from . import publisher
@@ -126,3 +129,10 @@ def get_backend() -> BaseBackend:
                 f"settings.KISSMETRICS['BACKEND'] {conf.BACKEND!r} is not a BaseBackend subclass"
             )
     return cls()
+
+
+@receiver(setting_changed, dispatch_uid="django_kissmetrics.backends")
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    # The backend is made from the settings: a changed KISSMETRICS makes a new one.
+    if setting == "KISSMETRICS":
+        get_backend.cache_clear()

@@ -1,10 +1,18 @@
-"""The ``KISSMETRICS`` setting: defaults, validation, and a cache reset on ``setting_changed``."""
+"""The ``KISSMETRICS`` setting: each key declared once, validated, reset on ``setting_changed``.
+
+Every key is one field of :class:`Settings`: its type (the annotation), its default and a
+line of documentation. Validation, :data:`DEFAULTS` and the README's settings table (a
+test compares them) all follow from that one declaration.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,100 +23,86 @@ from django.dispatch import receiver
 
 from .exceptions import KissmetricsError
 
-__all__ = ["DEFAULTS", "ConfigurationError", "Settings", "get_settings"]
+__all__ = ["DEFAULTS", "DOCS", "ConfigurationError", "Settings", "get_settings", "load"]
 
 FIVE_YEARS = 5 * 365 * 24 * 60 * 60
-
-#: Every key of the ``KISSMETRICS`` setting with its default (see the README's table).
-DEFAULTS: dict[str, Any] = {
-    "API_KEY": None,
-    "TRACKING_URL": "https://trk.kissmetrics.io",
-    "BACKEND": "celery",
-    "IDENTITY": "django_kissmetrics.identity.user_identity",
-    "COOKIE_NAME": "km_ai",
-    "COOKIE_DOMAIN": None,
-    "COOKIE_MAX_AGE": FIVE_YEARS,
-    "SIGNUP_EVENT": "Signed Up",
-    "LOGIN_EVENT": "Logged In",
-    "HONOR_DNT": True,
-    "TIMEOUT": 5.0,
-    "MAX_RETRIES": 8,
-    "RETRY_BACKOFF": 2.0,
-    "RETRY_BACKOFF_MAX": 600.0,
-    "CELERY_QUEUE": None,
-    "DELIVERY_CONCURRENCY": 16,
-    "PUBLISH": "background",
-    "PUBLISH_WINDOW": 0.2,
-    "PUBLISH_QUEUE_SIZE": 10_000,
-    "ON_ENQUEUE_FAILURE": "log",
-    "EXCLUDE_PATHS": ["/admin/", "/static/", "/media/", "/favicon.ico", "/robots.txt", "/health"],
-    "IGNORE_USER_AGENTS": r"bot\b|crawl|spider|slurp|bingpreview|facebookexternalhit|mediapartners",
-    "CSP_NONCE_ATTRIBUTE": "csp_nonce",
-}
-
-_NUMBER = (int, float)
-_TYPES: dict[str, tuple[type, ...]] = {
-    "API_KEY": (str, type(None)),
-    "TRACKING_URL": (str,),
-    "BACKEND": (str,),
-    "IDENTITY": (str,),
-    "COOKIE_NAME": (str,),
-    "COOKIE_DOMAIN": (str, type(None)),
-    "COOKIE_MAX_AGE": (int,),
-    "SIGNUP_EVENT": (str, type(None)),
-    "LOGIN_EVENT": (str, type(None)),
-    "HONOR_DNT": (bool,),
-    "TIMEOUT": _NUMBER,
-    "MAX_RETRIES": (int,),
-    "RETRY_BACKOFF": _NUMBER,
-    "RETRY_BACKOFF_MAX": _NUMBER,
-    "CELERY_QUEUE": (str, type(None)),
-    "DELIVERY_CONCURRENCY": (int,),
-    "PUBLISH": (str,),
-    "PUBLISH_WINDOW": _NUMBER,
-    "PUBLISH_QUEUE_SIZE": (int,),
-    "ON_ENQUEUE_FAILURE": (str,),
-    "EXCLUDE_PATHS": (list, tuple),
-    "IGNORE_USER_AGENTS": (str, type(None)),
-    "CSP_NONCE_ATTRIBUTE": (str, type(None)),
-}
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "PUBLISH": ("background", "inline"),
-    "ON_ENQUEUE_FAILURE": ("log", "sync"),
-}
 
 
 class ConfigurationError(KissmetricsError, ImproperlyConfigured):
     """The ``KISSMETRICS`` setting is wrong; the message names the key and the fix."""
 
 
-@dataclass(frozen=True)
+def _key(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: float | None = None,
+    accepts: tuple[type, ...] | None = None,
+    convert: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Declare one ``KISSMETRICS`` key: a dataclass field carrying its rules as metadata.
+
+    ``accepts`` (what a user may write) and ``convert`` (what the code reads) are only
+    for keys whose stored form differs from the written one; for the rest the accepted
+    types come from the field's annotation.
+    """
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "accepts": accepts}
+    return dataclasses.field(default=default, metadata={**meta, "convert": convert})
+
+
+def _pattern(value: str | None) -> re.Pattern[str] | None:
+    return re.compile(value, re.IGNORECASE) if value else None
+
+
+_NONE = type(None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """The validated ``KISSMETRICS`` setting, with every default filled in."""
 
-    API_KEY: str | None
-    TRACKING_URL: str
-    BACKEND: str
-    IDENTITY: str
-    COOKIE_NAME: str
-    COOKIE_DOMAIN: str | None
-    COOKIE_MAX_AGE: int
-    SIGNUP_EVENT: str | None
-    LOGIN_EVENT: str | None
-    HONOR_DNT: bool
-    TIMEOUT: float
-    MAX_RETRIES: int
-    RETRY_BACKOFF: float
-    RETRY_BACKOFF_MAX: float
-    CELERY_QUEUE: str | None
-    DELIVERY_CONCURRENCY: int
-    PUBLISH: str
-    PUBLISH_WINDOW: float
-    PUBLISH_QUEUE_SIZE: int
-    ON_ENQUEUE_FAILURE: str
-    EXCLUDE_PATHS: tuple[str, ...]
-    IGNORE_USER_AGENTS: re.Pattern[str] | None
-    CSP_NONCE_ATTRIBUTE: str | None
+    API_KEY: str | None = _key(None, "Your site's key; without it nothing is tracked or sent.")
+    TRACKING_URL: str = _key("https://trk.kissmetrics.io", "Where commands are sent (http(s)).")
+    BACKEND: str = _key("celery", "celery, sync, locmem, disabled, or a BaseBackend path.")
+    IDENTITY: str = _key(
+        "django_kissmetrics.identity.user_identity", "Dotted path of user -> identity."
+    )
+    COOKIE_NAME: str = _key("km_ai", "The anonymous-id cookie the JavaScript library reads.")
+    COOKIE_DOMAIN: str | None = _key(None, "Domain of the cookie; None: the request's host.")
+    COOKIE_MAX_AGE: int = _key(FIVE_YEARS, "Lifetime of the cookie, in seconds.", minimum=0)
+    SIGNUP_EVENT: str | None = _key("Signed Up", "Recorded on signup; None: none.")
+    LOGIN_EVENT: str | None = _key("Logged In", "Recorded on login; None: none.")
+    HONOR_DNT: bool = _key(True, "DNT: 1 or Sec-GPC: 1 visitors are not tracked.")
+    TIMEOUT: float = _key(5.0, "Seconds to wait for the tracking server.", minimum=0)
+    MAX_RETRIES: int = _key(8, "Retries of a failed command before giving up.", minimum=0)
+    RETRY_BACKOFF: float = _key(2.0, "Seconds before the first retry; doubles.", minimum=0)
+    RETRY_BACKOFF_MAX: float = _key(600.0, "The longest wait between retries.", minimum=0)
+    CELERY_QUEUE: str | None = _key(None, "Queue of the delivery task; None: the default.")
+    DELIVERY_CONCURRENCY: int = _key(16, "Calls in flight while delivering a batch.", minimum=1)
+    PUBLISH: str = _key(
+        "background", "Publish off the request or inline.", choices=("background", "inline")
+    )
+    PUBLISH_WINDOW: float = _key(0.2, "Seconds one background message gathers.", minimum=0)
+    PUBLISH_QUEUE_SIZE: int = _key(10_000, "Batches the publisher may hold.", minimum=1)
+    ON_ENQUEUE_FAILURE: str = _key(
+        "log", "When the broker cannot be reached: log, or sync.", choices=("log", "sync")
+    )
+    EXCLUDE_PATHS: tuple[str, ...] = _key(
+        ("/admin/", "/static/", "/media/", "/favicon.ico", "/robots.txt", "/health"),
+        "Path prefixes whose visitors are not tracked.",
+        accepts=(list, tuple),
+        convert=tuple,
+    )
+    IGNORE_USER_AGENTS: re.Pattern[str] | None = _key(
+        r"bot\b|crawl|spider|slurp|bingpreview|facebookexternalhit|mediapartners",
+        "A regular expression of user agents that are not tracked.",
+        accepts=(str, _NONE),
+        convert=_pattern,
+    )
+    CSP_NONCE_ATTRIBUTE: str | None = _key(
+        "csp_nonce", "The request attribute holding a CSP nonce."
+    )
 
     @functools.cached_property
     def enabled(self) -> bool:
@@ -116,16 +110,43 @@ class Settings:
         return bool(self.API_KEY) and self.BACKEND != "disabled"
 
 
+def _accepted(hint: Any) -> tuple[type, ...]:
+    """The types a user may write for a field annotated ``hint``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _accepted(arg))
+    if hint is float:
+        return (int, float)  # 5 is as good a timeout as 5.0.
+    return (typing.get_origin(hint) or hint,)
+
+
+_FIELDS = dataclasses.fields(Settings)
+_HINTS = typing.get_type_hints(Settings)
+#: key -> the types its value may have.
+_TYPES: dict[str, tuple[type, ...]] = {
+    f.name: f.metadata["accepts"] or _accepted(_HINTS[f.name]) for f in _FIELDS
+}
+
+#: Every key of the ``KISSMETRICS`` setting with its default (see the README's table).
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in _FIELDS}
+#: Every key with its line of documentation.
+DOCS: dict[str, str] = {f.name: f.metadata["doc"] for f in _FIELDS}
+
+
 def _error(key: str, problem: str) -> ConfigurationError:
     return ConfigurationError(f"settings.KISSMETRICS[{key!r}] {problem}")
 
 
-def _check_type(key: str, value: Any) -> None:
-    types = _TYPES[key]
+def _check(field: dataclasses.Field[Any], value: Any) -> Any:
+    key, meta, accepted = field.name, field.metadata, _TYPES[field.name]
     # bool is an int in Python, but True is never a sensible timeout or retry count.
-    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+    if (isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted):
+        names = " or ".join("None" if t is _NONE else t.__name__ for t in accepted)
         raise _error(key, f"must be {names}, not {type(value).__name__} ({value!r})")
+    if meta["choices"] and value not in meta["choices"]:
+        raise _error(key, f"must be one of {', '.join(map(repr, meta['choices']))}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise _error(key, f"must be at least {meta['minimum']}, not {value!r}")
+    return value
 
 
 def load(user: Any) -> Settings:
@@ -137,29 +158,19 @@ def load(user: Any) -> Settings:
     unknown = sorted(set(user) - set(DEFAULTS))
     if unknown:
         raise _error(unknown[0], f"is not a known key; the keys are {', '.join(DEFAULTS)}")
-    values = {**DEFAULTS, **user}
-    for key, value in values.items():
-        _check_type(key, value)
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise _error(key, f"must be one of {', '.join(map(repr, _CHOICES[key]))}")
+    values = {f.name: _check(f, user.get(f.name, f.default)) for f in _FIELDS}
     url = urlsplit(values["TRACKING_URL"])
     if url.scheme not in ("http", "https") or not url.netloc:
         raise _error("TRACKING_URL", "must be an http:// or https:// URL")
-    for key in ("TIMEOUT", "PUBLISH_WINDOW", "RETRY_BACKOFF", "RETRY_BACKOFF_MAX"):
-        if values[key] < 0:
-            raise _error(key, "must not be negative")
-    for key in ("MAX_RETRIES", "DELIVERY_CONCURRENCY", "PUBLISH_QUEUE_SIZE"):
-        if values[key] < (0 if key == "MAX_RETRIES" else 1):
-            raise _error(key, "is too small")
     if not all(isinstance(p, str) for p in values["EXCLUDE_PATHS"]):
         raise _error("EXCLUDE_PATHS", "must be a list of path prefixes (str)")
-    agents = values["IGNORE_USER_AGENTS"]
-    try:
-        pattern = re.compile(agents, re.IGNORECASE) if agents else None
-    except re.error as exc:
-        raise _error("IGNORE_USER_AGENTS", f"is not a regular expression: {exc}") from None
-    values["EXCLUDE_PATHS"] = tuple(values["EXCLUDE_PATHS"])
-    values["IGNORE_USER_AGENTS"] = pattern
+    for field in _FIELDS:
+        convert = field.metadata["convert"]
+        if convert is not None:
+            try:
+                values[field.name] = convert(values[field.name])
+            except re.error as exc:
+                raise _error(field.name, f"is not a regular expression: {exc}") from None
     values["TIMEOUT"] = float(values["TIMEOUT"])
     values["TRACKING_URL"] = values["TRACKING_URL"].rstrip("/")
     return Settings(**values)
@@ -171,10 +182,7 @@ def get_settings() -> Settings:
     return load(getattr(django_settings, "KISSMETRICS", None))
 
 
-@receiver(setting_changed)
+@receiver(setting_changed, dispatch_uid="django_kissmetrics.conf")
 def _reset(*, setting: str, **kwargs: Any) -> None:
     if setting == "KISSMETRICS":
         get_settings.cache_clear()
-        from . import backends
-
-        backends.get_backend.cache_clear()

@@ -6,7 +6,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from django_kissmetrics.conf import DEFAULTS, get_settings, load
+from django_kissmetrics.conf import DEFAULTS, DOCS, get_settings, load
 
 
 def test_defaults_fill_every_key() -> None:
@@ -56,9 +56,27 @@ def test_cache_is_reset_when_the_setting_changes() -> None:
     assert get_settings() == before
 
 
-def test_every_default_is_documented_in_the_readme() -> None:
+def test_the_readme_settings_table_is_the_declaration() -> None:
+    """The README's table lists every declared key, in the declared order, and no other."""
+    import re
     from pathlib import Path
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [key for key in DEFAULTS if f"`{key}`" not in readme]
-    assert not missing
+    table = readme.split("| Key | Default | What it changes |", 1)[1].split("\n\n", 1)[0]
+    keys = re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE)
+    assert keys == list(DEFAULTS)
+    assert all(DOCS[key] for key in keys)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"TIMEOUT": -1}, "at least 0"),
+        ({"DELIVERY_CONCURRENCY": 0}, "at least 1"),
+        ({"ON_ENQUEUE_FAILURE": "later"}, "must be one of"),
+        ({"EXCLUDE_PATHS": "/admin/"}, "must be list or tuple"),
+    ],
+)
+def test_declared_rules_are_enforced(config: dict[str, object], message: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=message):
+        load(config)
