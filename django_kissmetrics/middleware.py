@@ -13,10 +13,11 @@ from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
 
 from .backends import get_backend
+from .browser import SESSION_BROWSER
 from .conf import get_settings
 from .cookies import cookie_domain_for, set_anonymous_cookie
 from .identity import decode_cookie, encode_base64_id
-from .tracker import SESSION_BROWSER, RequestTracker, _current
+from .tracker import RequestTracker, _current
 
 logger = logging.getLogger(__name__)
 

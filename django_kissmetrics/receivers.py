@@ -11,7 +11,8 @@ from django.contrib.auth.signals import user_logged_in, user_logged_out
 from django.db.models.signals import post_init, post_save
 
 from .conf import DEFAULTS, get_settings
-from .tracker import RequestTracker, _current, current_tracker, identity_for
+from .person import identity_for
+from .tracker import RequestTracker, _current, current_tracker
 
 logger = logging.getLogger(__name__)
 

@@ -8,26 +8,23 @@ request (a Celery task, a management command, a shell) every call names its pers
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from django.core.signals import setting_changed
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.dispatch import receiver
-from django.utils.functional import SimpleLazyObject, empty
-from django.utils.module_loading import import_string
+from django.db import transaction
 
 from . import commands as cmd
 from .backends import get_backend
+from .browser import BrowserCommands
 from .commands import Command
 from .conf import get_settings
 from .identity import new_anonymous_id
+from .person import SESSION_IDENTITY, CurrentPerson, identity_for
+from .transactions import in_event_loop, in_transaction, running_loop
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -38,135 +35,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BrowserCommands", "RequestTracker", "Tracker", "current_tracker", "km"]
 
-SESSION_IDENTITY = "_km_identity"
-SESSION_BROWSER = "_km_browser"
 SESSION_ALIASED = "_km_aliased"
 
 _current: ContextVar[RequestTracker | None] = ContextVar("kissmetrics_tracker", default=None)
 _batch: ContextVar[list[Command] | None] = ContextVar("kissmetrics_batch", default=None)
-
-
-#: This thread's default database connection, once looked up, with the generation below.
-_thread = threading.local()
-#: Changes when DATABASES does (in tests): every thread then looks its connection up again.
-_generation = 0
-
-
-@receiver(setting_changed, dispatch_uid="django_kissmetrics.tracker")
-def _forget_connections(*, setting: str, **kwargs: Any) -> None:
-    global _generation
-    if setting == "DATABASES":
-        _generation += 1
-
-
-def _in_transaction() -> bool:
-    """Inside a real ``atomic()`` block (not one a TestCase wraps each test in)."""
-    # A thread keeps its connection object for its whole life (Django's connections
-    # are per thread), but looking it up goes through asgiref's Local and costs as
-    # much as the rest of a km.record() call: look it up once per thread. Code in an
-    # event loop has a connection per task, so it always asks.
-    try:
-        if _running_loop() is not None:
-            conn = connections[DEFAULT_DB_ALIAS]
-        else:
-            cached = getattr(_thread, "connection", None)
-            if cached is None or cached[0] != _generation:
-                cached = _thread.connection = (_generation, connections[DEFAULT_DB_ALIAS])
-            conn = cached[1]
-    except Exception:
-        return False
-    return conn.in_atomic_block and any(
-        not getattr(block, "_from_testcase", False) for block in conn.atomic_blocks
-    )
-
-
-# asyncio's own non-raising check (in its __all__): get_running_loop() raises when
-# there is no loop, which is the common case here and costs an exception each time.
-_running_loop = asyncio._get_running_loop
-
-
-def _in_event_loop() -> bool:
-    return _running_loop() is not None
-
-
-@functools.cache
-def _identity_function(path: str) -> Callable[[Any], str]:
-    func: Callable[[Any], str] = import_string(path)
-    return func
-
-
-def stored_session(request: HttpRequest) -> Any:
-    """The request's session if it can hold anything, else ``None`` (and it stays unread).
-
-    A request without a session cookie has an empty session unless this request wrote
-    to it. Reading it anyway would mark it accessed, and ``SessionMiddleware`` would then
-    add ``Vary: Cookie`` to a response that an anonymous visitor's cache could share.
-    """
-    session = getattr(request, "session", None)
-    if session is None or (session.session_key is None and not session.modified):
-        return None
-    return session
-
-
-# AuthenticationMiddleware's lazy user is made by a lambda defined in this module.
-_AUTH_MIDDLEWARE = "django.contrib.auth.middleware"
-
-
-def _lazy_session_user(user: Any) -> bool:
-    """Whether ``user`` is ``AuthenticationMiddleware``'s lazy user, not yet loaded.
-
-    That user is read from the session; with no stored session it can only be
-    ``AnonymousUser``, and loading it to find out costs more than the rest of a
-    tracked call. Any other user object (set by another middleware, or already
-    loaded) is asked.
-    """
-    if type(user) is not SimpleLazyObject:
-        return False
-    state = object.__getattribute__(user, "__dict__")
-    return (
-        state.get("_wrapped") is empty
-        and getattr(state.get("_setupfunc"), "__module__", "") == _AUTH_MIDDLEWARE
-    )
-
-
-def identity_for(user: Any) -> str:
-    """The named identity of ``user`` (the ``IDENTITY`` setting)."""
-    return str(_identity_function(get_settings().IDENTITY)(user))
-
-
-class BrowserCommands:
-    """Commands for the Kissmetrics JavaScript library, emitted by ``{% kissmetrics_js %}``.
-
-    Use them for events that should carry the library's automatic page properties.
-    Values keep their JSON types (numbers stay numbers). Queued in a request that
-    ends without rendering the tag (a redirect), they wait in the session for the
-    next page that does, and are emitted once.
-    """
-
-    def __init__(self, tracker: RequestTracker) -> None:
-        self._tracker = tracker
-
-    def record(self, event: str, properties: Mapping[str, Any] | None = None) -> None:
-        """``_kmq.push(["record", event, properties])``."""
-        self._tracker.push_browser(
-            ["record", cmd._event_name(event), _browser_properties(properties)]
-        )
-
-    def set(self, properties: Mapping[str, Any]) -> None:
-        """``_kmq.push(["set", properties])``."""
-        self._tracker.push_browser(["set", _browser_properties(properties)])
-
-
-def _browser_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:
-    if properties is None:
-        return {}
-    if not isinstance(properties, Mapping):
-        raise TypeError(f"Kissmetrics properties must be a dict, not {type(properties).__name__}")
-    return {
-        cmd._truncate(cmd._clean_text(str(k)), cmd.MAX_NAME_LENGTH, "property name"): v
-        for k, v in properties.items()
-        if v is not None
-    }
 
 
 class Tracker:
@@ -259,7 +131,7 @@ class Tracker:
         raise NotImplementedError
 
     def _emit(self, command: Command) -> None:
-        if _in_transaction():
+        if in_transaction():
             # Only what the database keeps is tracked: nothing for a rolled-back signup.
             transaction.on_commit(functools.partial(self._add, command))
         else:
@@ -291,7 +163,7 @@ class Tracker:
 _DEFERRED: Any = object()
 
 
-class RequestTracker(Tracker):
+class RequestTracker(CurrentPerson, Tracker):
     """The tracker of one request (``request.km``); made by the middleware.
 
     ``active`` is false for a visitor who is not tracked (no API key, Do Not Track,
@@ -304,8 +176,6 @@ class RequestTracker(Tracker):
     logged_out = False
     browser_rendered = False
     _closed = False
-    _identity: str | None = None
-    _user_identity: tuple[Any, str | None] | None = None
     _aliased: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
     _signed_up: frozenset[str] | set[str] = frozenset()
 
@@ -332,47 +202,6 @@ class RequestTracker(Tracker):
     def js(self) -> BrowserCommands:
         """Commands for the JavaScript library on the next page this visitor sees."""
         return BrowserCommands(self)
-
-    @property
-    def identity(self) -> str | None:
-        """The current person: identified id, the user's identity, or the anonymous id."""
-        if not self.active:
-            return None
-        if self._identity is not None:
-            return self._identity
-        request = self.request
-        session = stored_session(request)
-        user = getattr(request, "user", None)
-        if (
-            user is not None
-            and (session is not None or not _lazy_session_user(user))
-            and user.is_authenticated
-        ):
-            cached = self._user_identity
-            if cached is None or cached[0] is not user:
-                cached = self._user_identity = (user, self._named_identity(user))
-            if cached[1] is not None:
-                return cached[1]
-        if session is not None:
-            named = session.get(SESSION_IDENTITY)
-            if isinstance(named, str) and named:
-                return cmd._identity(named)
-        return self.anonymous_id
-
-    @staticmethod
-    def _named_identity(user: Any) -> str | None:
-        try:
-            return cmd._identity(identity_for(user))
-        except Exception:
-            # A broken IDENTITY function must not turn the visitor's page into a 500:
-            # the request is tracked under the anonymous id, and the error logged.
-            logger.exception("Kissmetrics: IDENTITY failed for user %r", getattr(user, "pk", None))
-            return None
-
-    @property
-    def named(self) -> bool:
-        """Whether the current person has a named identity (not the anonymous id)."""
-        return self.active and self.identity not in (None, self.anonymous_id)
 
     def identify(self, identity: str) -> None:
         """The current person becomes ``identity`` for this request and the session.
@@ -428,13 +257,13 @@ class RequestTracker(Tracker):
         timestamp: dt.datetime | float | None = None,
     ) -> None:
         """Record ``event`` with ``properties`` for ``identity`` (default: the current person)."""
-        if identity is not None or not self.active or _running_loop() is not None:
+        if identity is not None or not self.active or running_loop() is not None:
             super().record(event, properties, identity=identity, timestamp=timestamp)
             return
         # The common call, about the current person in a sync view, in a straight line:
         # it runs on every tracked request.
         command = cmd._record(self.identity, event, properties, timestamp)  # type: ignore[arg-type]
-        if _in_transaction():
+        if in_transaction():
             transaction.on_commit(functools.partial(self._add, command))
         elif self._closed:
             self._send([command])
@@ -489,7 +318,7 @@ class RequestTracker(Tracker):
             return identity if self.allow_explicit else None
         if not self.active:
             return None
-        if self._identity is None and _in_event_loop():
+        if self._identity is None and in_event_loop():
             # Working out the user may query the database, which async code must not
             # do here: the middleware resolves the person when the response leaves.
             return _DEFERRED

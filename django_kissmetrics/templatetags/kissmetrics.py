@@ -12,9 +12,11 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from ..browser import SESSION_BROWSER
 from ..conf import get_settings
 from ..cookies import cookie_domain_for
-from ..tracker import SESSION_BROWSER, RequestTracker, stored_session
+from ..person import stored_session
+from ..tracker import RequestTracker
 
 logger = logging.getLogger(__name__)
 register = template.Library()

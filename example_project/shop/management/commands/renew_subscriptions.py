@@ -13,8 +13,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from django_kissmetrics import km
+from django_kissmetrics.person import identity_for
 from django_kissmetrics.publisher import flush
-from django_kissmetrics.tracker import identity_for
 from shop.models import Subscription
 
 
