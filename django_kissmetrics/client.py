@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_TRACKING_URL", "USER_AGENT", "KissmetricsClient"]
 
 DEFAULT_TRACKING_URL = "https://trk.kissmetrics.io"
 #: Sent with every call, so that a tracking server's logs name the client.
-USER_AGENT = "django-kissmetrics/0.1.0 (+https://pypi.org/project/django-kissmetrics/)"
+USER_AGENT = "django-kissmetrics-sdk/0.1.0 (+https://pypi.org/project/django-kissmetrics-sdk/)"
 #: Keep-alive connections kept per process and tracking server; also the most calls a
 #: process has in flight for batches (``send_many``).
 POOL_SIZE = 16
