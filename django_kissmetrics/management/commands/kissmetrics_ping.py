@@ -48,6 +48,8 @@ class Command(BaseCommand):
             token = ping.run(identity, timeout, report)
         except ping.PingFailed as exc:
             raise CommandError(str(exc)) from None
+        except ValueError as exc:  # An --identity that is no identity (empty).
+            raise CommandError(f"--identity: {exc}") from None
         self.stdout.write(
             self.style.SUCCESS(f"The tracking server took {ping.EVENT!r} (token {token}).")
         )
