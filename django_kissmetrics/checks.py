@@ -34,7 +34,7 @@ def _celery_problem() -> CheckMessage | None:
             "queued by Celery's fallback app, which reads none of your CELERY_ settings.",
             hint="Create proj/celery.py with your Celery app and add "
             "'from .celery import app as celery_app' to proj/__init__.py "
-            "(Install, step 5, in the django-kissmetrics-sdk README).",
+            "(Install, in the django-kissmetrics-sdk README).",
             id="django_kissmetrics.W003",
         )
     conf = app.conf
