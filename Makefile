@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup demo test test-django42 lint bench worker clean
+.PHONY: setup demo renew test test-django42 lint bench worker clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup: $(BIN)/.installed
 demo: setup
 	cd example_project && ../$(BIN)/python manage.py migrate --noinput -v 0
 	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/python manage.py runserver 127.0.0.1:$(PORT)
+
+# The demo's nightly job, sent to the demo running on $(PORT).
+renew: setup
+	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/python manage.py renew_subscriptions
 
 test: setup
 	$(BIN)/python -m pytest

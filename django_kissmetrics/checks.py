@@ -24,16 +24,29 @@ def _celery_problem() -> CheckMessage | None:
     except ImportError:
         return Error(
             'KISSMETRICS["BACKEND"] is "celery" but Celery is not installed.',
-            hint='pip install "django-kissmetrics[celery]", or use the "sync" backend.',
+            hint='pip install "django-kissmetrics-sdk[celery]", or use the "sync" backend.',
             id="django_kissmetrics.E003",
         )
     app = _state.get_current_app()
     if app is getattr(_state, "default_app", None) and app.main == "default":
         return Warning(
-            'KISSMETRICS["BACKEND"] is "celery" but no Celery app is loaded.',
-            hint="Create your Celery app in proj/celery.py and import it in proj/__init__.py "
-            "(see Celery's 'First steps with Django').",
+            'KISSMETRICS["BACKEND"] is "celery" but no Celery app is loaded, so events are '
+            "queued by Celery's fallback app, which reads none of your CELERY_ settings.",
+            hint="Create proj/celery.py with your Celery app and add "
+            "'from .celery import app as celery_app' to proj/__init__.py "
+            "(Install, in the django-kissmetrics-sdk README).",
             id="django_kissmetrics.W003",
+        )
+    conf = app.conf
+    # Without a broker URL Celery connects to amqp://guest@localhost// and, while that is
+    # down, every batch fails to queue; eager mode runs tasks where they are queued.
+    if not (conf.broker_url or conf.broker_write_url) and not conf.task_always_eager:
+        return Warning(
+            f'KISSMETRICS["BACKEND"] is "celery" but the Celery app {app.main!r} has no '
+            f"broker configured: events go to Celery's default, {app.connection().as_uri()}.",
+            hint="Set CELERY_BROKER_URL (for example 'redis://127.0.0.1:6379/0') and "
+            "run a worker: celery -A proj worker -l info.",
+            id="django_kissmetrics.W004",
         )
     return None
 

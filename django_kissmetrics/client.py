@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_TRACKING_URL", "USER_AGENT", "KissmetricsClient"]
 
 DEFAULT_TRACKING_URL = "https://trk.kissmetrics.io"
 #: Sent with every call, so that a tracking server's logs name the client.
-USER_AGENT = "django-kissmetrics/0.1.0 (+https://pypi.org/project/django-kissmetrics/)"
+USER_AGENT = "django-kissmetrics-sdk/0.1.0 (+https://pypi.org/project/django-kissmetrics-sdk/)"
 #: Keep-alive connections kept per process and tracking server; also the most calls a
 #: process has in flight for batches (``send_many``).
 POOL_SIZE = 16
@@ -217,8 +217,8 @@ class KissmetricsClient:
             params = [(k, v) for k, v in params if k not in ("_t", "_d")]
         return f"{command.path}?{urlencode(params)}"
 
-    def send(self, command: Command, *, dated: bool = True) -> None:
-        """Send one command. ``dated=False`` leaves the time to the server."""
+    def send(self, command: Command, *, dated: bool = True) -> int:
+        """Send one command; return the server's (2xx) status. ``dated=False``: no ``_t``."""
         target = self._target(command, dated)
         try:
             response = _transport(self.url).get(
@@ -232,6 +232,7 @@ class KissmetricsClient:
                 status=response.status,
                 retry_after=_retry_after(response.retry_after),
             )
+        return response.status
 
     def send_many(
         self, commands: Sequence[Command], *, concurrency: int = 8

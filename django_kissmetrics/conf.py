@@ -56,6 +56,8 @@ def _pattern(value: str | None) -> re.Pattern[str] | None:
 
 
 _NONE = type(None)
+#: A script URL the tag may load: absolute http(s), scheme-relative, or a path of this site.
+_SCRIPT_URL = re.compile(r"(https?:)?//[^/\s]+/\S*|/(?!/)\S*", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,12 @@ class Settings:
         "A regular expression of user agents that are not tracked.",
         accepts=(str, _NONE),
         convert=_pattern,
+    )
+    SCRIPT_URLS: tuple[str, str] = _key(
+        ("//i.kissmetrics.io/i.js", "//scripts.kissmetrics.io/{key}.2.js"),
+        "The two library scripts the tag loads; {key} is the API key.",
+        accepts=(list, tuple),
+        convert=tuple,
     )
     CSP_NONCE_ATTRIBUTE: str | None = _key(
         "csp_nonce", "The request attribute holding a CSP nonce."
@@ -164,6 +172,14 @@ def load(user: Any) -> Settings:
         raise _error("TRACKING_URL", "must be an http:// or https:// URL")
     if not all(isinstance(p, str) for p in values["EXCLUDE_PATHS"]):
         raise _error("EXCLUDE_PATHS", "must be a list of path prefixes (str)")
+    scripts = values["SCRIPT_URLS"]
+    valid = all(isinstance(u, str) and _SCRIPT_URL.fullmatch(u) for u in scripts)
+    if len(scripts) != 2 or not valid:
+        raise _error(
+            "SCRIPT_URLS",
+            "must be two script URLs (https://, // or /), "
+            "like ('//i.kissmetrics.io/i.js', '//scripts.kissmetrics.io/{key}.2.js')",
+        )
     for field in _FIELDS:
         convert = field.metadata["convert"]
         if convert is not None:

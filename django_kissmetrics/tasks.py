@@ -11,8 +11,9 @@ from celery.exceptions import Reject
 from . import delivery
 from .commands import Command
 from .conf import get_settings
+from .exceptions import TrackingError
 
-__all__ = ["backoff", "deliver"]
+__all__ = ["backoff", "deliver", "ping"]
 
 
 def backoff(retries: int, retry_after: float | None = None) -> float:
@@ -76,3 +77,36 @@ def deliver(self: Task[Any, Any], commands: list[list[Any] | dict[str, Any]]) ->
         cause = rejected.__context__ or rejected  # The broker's error.
         delivery.give_up([c for c, _ in retriable], cause, "could not queue a retry")
         return len(batch) - len(failures)
+
+
+@shared_task(bind=True, name="django_kissmetrics.ping", ignore_result=True)
+def ping(self: Task[Any, Any], command: list[Any] | dict[str, Any], reply_to: str) -> None:
+    """``kissmetrics_ping``'s test event: deliver it once and report each hop to ``reply_to``.
+
+    The replies go through the broker itself (a queue the command waits on), so the ping
+    needs no result backend: first that this worker took the task, then what the
+    tracking server answered. No retries: the command is waiting for the answer.
+    """
+    worker = self.request.hostname or "a worker"
+
+    def reply(**answer: Any) -> None:
+        with self.app.producer_or_acquire() as producer:
+            producer.publish(
+                {"worker": worker, **answer},
+                exchange="",
+                routing_key=reply_to,
+                serializer="json",
+                retry=True,
+                retry_policy={"max_retries": 3},
+            )
+
+    reply(hop="worker")
+    conf = get_settings()
+    answer: dict[str, Any] = {"hop": "tracking server", "url": conf.TRACKING_URL}
+    try:
+        answer["status"] = delivery.client().send(Command.from_wire(command))
+    except TrackingError as exc:
+        answer.update(status=exc.status, error=str(exc))
+    except Exception as exc:  # A worker without an API key, a bad setting: say so.
+        answer.update(status=None, error=f"{type(exc).__name__}: {exc}")
+    reply(**answer)

@@ -65,8 +65,17 @@ def test_a_tracked_visitor_gets_the_loader(client: Client) -> None:
     body = client.get("/browser/tag/").content.decode()
     assert body.startswith("[<script>\nvar _kmq = _kmq || [];\n")
     assert f'var _kmk = _kmk || "{KEY}";' in body
-    assert "_kms('//scripts.kissmetrics.io/'+_kmk+'.2.js');" in body
+    assert '_kms("//scripts.kissmetrics.io/"+_kmk+".2.js");' in body
     assert body.rstrip().endswith("</script>]")
+
+
+@pytest.mark.django_db
+def test_the_loader_loads_the_script_urls(client: Client, km_settings: Any) -> None:
+    km_settings(SCRIPT_URLS=["/km/i.js", 'https://cdn.shop.test/km/{key}.2.js?v="2"'])
+    body = client.get("/browser/tag/").content.decode()
+    assert '_kms("/km/i.js");\n' in body
+    assert '_kms("https://cdn.shop.test/km/"+_kmk+".2.js?v=\\"2\\"");\n' in body
+    assert "kissmetrics.io" not in body
 
 
 @pytest.mark.django_db

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -48,22 +50,54 @@ def test_unknown_key_is_an_error_naming_it() -> None:
     assert "'COOKIE_NAM'" in message.msg
 
 
-def test_celery_backend_needs_a_celery_app() -> None:
+@contextlib.contextmanager
+def no_celery_app() -> Iterator[None]:
+    """No Celery app loaded, as in a site that never imports one; restored afterwards."""
     from celery import _state
-
-    from tests.celery_app import app
 
     previous = _state._tls.current_app
     _state._tls.current_app = None
     default = _state.default_app
     _state.default_app = None
     try:
-        assert ids(KISSMETRICS={"API_KEY": "k", "BACKEND": "celery"}) == ["django_kissmetrics.W003"]
-        app.set_current()
-        assert ids(KISSMETRICS={"API_KEY": "k", "BACKEND": "celery"}) == []
+        yield
     finally:
         _state._tls.current_app = previous
         _state.default_app = default
+
+
+CELERY = {"API_KEY": "k", "BACKEND": "celery"}
+
+
+def test_celery_backend_needs_a_celery_app() -> None:
+    from tests.celery_app import app
+
+    with no_celery_app():
+        with override_settings(KISSMETRICS=CELERY):
+            (message,) = check_settings()
+        assert message.id == "django_kissmetrics.W003"
+        assert "proj/__init__.py" in (message.hint or "")
+        app.set_current()
+        assert ids(KISSMETRICS=CELERY) == []
+
+
+def test_celery_app_without_a_broker_warns_with_the_default_url() -> None:
+    from celery import Celery
+
+    with no_celery_app():
+        app = Celery("proj", set_as_current=True)
+        with override_settings(KISSMETRICS=CELERY):
+            (message,) = check_settings()
+        assert message.id == "django_kissmetrics.W004"
+        assert "amqp://guest:**@localhost:5672//" in message.msg
+        assert "CELERY_BROKER_URL" in (message.hint or "")
+        # The sync backend needs no broker.
+        assert ids(KISSMETRICS={**CELERY, "BACKEND": "sync"}) == []
+        app.conf.task_always_eager = True  # Tasks run where they are queued.
+        assert ids(KISSMETRICS=CELERY) == []
+        app.conf.task_always_eager = False
+        app.conf.broker_url = "redis://127.0.0.1:6379/0"
+        assert ids(KISSMETRICS=CELERY) == []
 
 
 def test_bad_backend_path_is_a_clear_error(km_settings: Any) -> None:

@@ -54,7 +54,7 @@ def test_dated_calls_carry_t_and_d(tracker: StandInTracker) -> None:
 def test_user_agent_names_the_package(tracker: StandInTracker) -> None:
     KissmetricsClient("k", url=tracker.url).record("p", "E")
     assert tracker.hits[0].user_agent == USER_AGENT
-    assert USER_AGENT.startswith("django-kissmetrics/")
+    assert USER_AGENT.startswith("django-kissmetrics-sdk/")
 
 
 def test_https_is_the_default() -> None:

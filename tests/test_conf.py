@@ -31,11 +31,25 @@ def test_defaults_fill_every_key() -> None:
         ({"PUBLISH": "later"}, "PUBLISH"),
         ({"IGNORE_USER_AGENTS": "("}, "IGNORE_USER_AGENTS"),
         ({"EXCLUDE_PATHS": [1]}, "EXCLUDE_PATHS"),
+        ({"SCRIPT_URLS": "//cdn.example/i.js"}, "SCRIPT_URLS"),
+        ({"SCRIPT_URLS": ["//cdn.example/i.js"]}, "SCRIPT_URLS"),
+        ({"SCRIPT_URLS": ["javascript:alert(1)", "/km/{key}.js"]}, "SCRIPT_URLS"),
+        ({"SCRIPT_URLS": ["/km/i.js", "km.js"]}, "SCRIPT_URLS"),
+        ({"SCRIPT_URLS": ["/km/i.js", "/km/ key.js"]}, "SCRIPT_URLS"),
     ],
 )
 def test_bad_settings_raise_naming_the_key(config: dict[str, object], key: str) -> None:
     with pytest.raises(ImproperlyConfigured, match=repr(key).replace("[", r"\[")):
         load(config)
+
+
+def test_script_urls_may_be_paths_scheme_relative_or_https() -> None:
+    for urls in (
+        ("/km/i.js", "https://cdn.example/km/{key}.2.js"),
+        ("//a.example/i.js", "http://b.example/x"),
+    ):
+        loaded = load({"SCRIPT_URLS": list(urls)})
+        assert list(loaded.SCRIPT_URLS) == list(urls)
 
 
 def test_not_a_dict() -> None:

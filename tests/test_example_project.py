@@ -185,6 +185,8 @@ class Journey:
     cookies_named_km_ai: int
     shown_identity: str
     other_visitor_id: str
+    chosen_after_signup: list[str]
+    library_requests: list[str]
 
 
 def km_ai(page: Any) -> str:
@@ -220,11 +222,17 @@ def journey(demo: Demo) -> Journey:
     from playwright.sync_api import sync_playwright
 
     shots = os.environ.get("DEMO_SCREENSHOTS")
+    library_requests: list[str] = []
+
+    def refuse(route: Any) -> None:
+        library_requests.append(route.request.url)
+        route.abort()
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(viewport={"width": 1280, "height": 800})
-            context.route(KISSMETRICS_HOSTS, lambda route: route.abort())
+            context.route(KISSMETRICS_HOSTS, refuse)
             page = context.new_page()
 
             page.goto(f"{demo.url}/")
@@ -235,7 +243,7 @@ def journey(demo: Demo) -> Journey:
 
             # Meanwhile, someone else only looks at the prices.
             other = browser.new_context()
-            other.route(KISSMETRICS_HOSTS, lambda route: route.abort())
+            other.route(KISSMETRICS_HOSTS, refuse)
             other_page = other.new_page()
             other_page.goto(f"{demo.url}/pricing/")
             other_visitor_id = km_ai(other_page)
@@ -249,7 +257,10 @@ def journey(demo: Demo) -> Journey:
             page.fill("#id_password1", PASSWORD)
             page.fill("#id_password2", PASSWORD)
             page.get_by_role("button", name="Sign up").click()
-            page.wait_for_url("**/pricing/")
+            page.wait_for_url("**/pricing/?plan=pro")
+            chosen_after_signup = page.locator("[data-chosen]").evaluate_all(
+                "(plans) => plans.map((p) => p.dataset.plan)"
+            )
             page.locator("[data-plan=pro]").get_by_role("button", name="Buy Pro").click()
             page.wait_for_url("**/account/")
             # The receipt page sends the browser-side event: let it arrive before leaving.
@@ -277,6 +288,8 @@ def journey(demo: Demo) -> Journey:
         cookies_named_km_ai=len(cookies),
         shown_identity=shown_identity,
         other_visitor_id=other_visitor_id,
+        chosen_after_signup=chosen_after_signup,
+        library_requests=library_requests,
     )
 
 
@@ -333,6 +346,16 @@ def test_the_browser_cookie_holds_the_id_the_server_recorded(demo: Demo, journey
     assert journey.shown_identity == USERNAME
 
 
+def test_a_plan_chosen_before_signup_survives_it(journey: Journey) -> None:
+    assert journey.chosen_after_signup == ["pro"]
+
+
+def test_the_pages_never_load_the_real_library(demo: Demo, journey: Journey) -> None:
+    # The stand-in library ran (browser-side events arrived) from the demo's own URLs.
+    assert has_event(demo.wait_for(everything_arrived), "Viewed Receipt")
+    assert journey.library_requests == []
+
+
 def test_a_visitor_who_never_signs_up_stays_a_person_of_their_own(
     demo: Demo, journey: Journey
 ) -> None:
@@ -362,6 +385,15 @@ def test_renew_subscriptions_records_server_side(demo: Demo, journey: Journey) -
     assert (renewal["identity"], renewal["source"]) == (USERNAME, "server")
     assert renewal["properties"] == {"plan": "pro", "amount": "49"}
     assert "renewed on" in alice["properties"]
+
+
+def test_make_renew_sends_to_the_port_the_demo_runs_on() -> None:
+    dry_run = subprocess.run(
+        ["make", "-n", "renew", "PORT=8013"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    (line,) = [c for c in dry_run.stdout.splitlines() if "renew_subscriptions" in c]
+    assert "DEMO_PORT=8013 " in line
+    assert "../.venv/bin/python manage.py renew_subscriptions" in line
 
 
 def test_renew_subscriptions_refuses_an_unknown_user(demo: Demo) -> None:

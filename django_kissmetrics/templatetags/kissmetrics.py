@@ -29,9 +29,7 @@ LOADER = (
     "function _kms(u){setTimeout(function(){var d=document,"
     "f=d.getElementsByTagName('script')[0],s=d.createElement('script');"
     "s.type='text/javascript';s.async=true;s.src=u;"
-    "f.parentNode.insertBefore(s,f);},1);}\n"
-    "_kms('//i.kissmetrics.io/i.js');\n"
-    "_kms('//scripts.kissmetrics.io/'+_kmk+'.2.js');"
+    "f.parentNode.insertBefore(s,f);},1);}"
 )
 
 
@@ -41,13 +39,18 @@ def js_value(value: Any) -> str:
     return text.translate(_ESCAPES)
 
 
+def _script(url: str) -> str:
+    """The loader's call for ``url`` (``SCRIPT_URLS``), with ``{key}`` read from ``_kmk``."""
+    return "_kms(" + "+_kmk+".join(js_value(part) for part in url.split("{key}")) + ");"
+
+
 @functools.lru_cache(maxsize=64)
-def _head(api_key: str | None, domain: str | None) -> list[str]:
+def _head(api_key: str | None, domain: str | None, scripts: tuple[str, ...]) -> list[str]:
     # The same for every page of a host: made once, not with two json.dumps per page.
     lines = ["var _kmq = _kmq || [];", f"var _kmk = _kmk || {js_value(api_key)};"]
     if domain:
         lines.append(f"var KM_COOKIE_DOMAIN = {js_value(domain)};")
-    lines.append(LOADER)
+    lines += [LOADER, *map(_script, scripts)]
     return lines
 
 
@@ -77,7 +80,7 @@ def kissmetrics_js(context: template.Context) -> SafeString | str:
         return ""
     try:
         conf = get_settings()
-        lines = [*_head(conf.API_KEY, cookie_domain_for(tracker.request))]
+        lines = [*_head(conf.API_KEY, cookie_domain_for(tracker.request), conf.SCRIPT_URLS)]
         for command in page_commands(tracker):
             try:
                 lines.append(f"_kmq.push({js_value(command)});")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import django
 
@@ -132,9 +133,15 @@ KISSMETRICS = {
     ],
 }
 
-#: The pages play the Kissmetrics JavaScript library's part (see shop/static/shop/kmq.js)
-#: only while events go to the stand-in tracker.
+#: While events go to the stand-in tracker, the pages never load the real Kissmetrics
+#: library (it would send the demo's events to Kissmetrics): the tag loads the demo's
+#: stand-in library (shop/static/shop/kmq.js) and site script (the tracker's) instead.
 DEMO_STANDIN = KISSMETRICS["TRACKING_URL"] == STANDIN_TRACKING_URL
+if DEMO_STANDIN:
+    KISSMETRICS["SCRIPT_URLS"] = (
+        f"/static/shop/kmq.js?url={quote(STANDIN_TRACKING_URL, safe='')}",
+        "/tracker/{key}.2.js",
+    )
 
 # --- Celery ------------------------------------------------------------------------------
 

@@ -15,6 +15,5 @@ def demo(request: HttpRequest) -> dict[str, Any]:
         "km_identity": tracker.identity if tracker is not None else None,
         "km_named": bool(tracker is not None and tracker.named),
         "tracking_url": settings.KISSMETRICS["TRACKING_URL"],
-        "tracking_key": settings.KISSMETRICS["API_KEY"],
         "standin": settings.DEMO_STANDIN,
     }

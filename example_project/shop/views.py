@@ -24,10 +24,16 @@ def home(request: HttpRequest) -> HttpResponse:
 
 
 def pricing(request: HttpRequest) -> HttpResponse:
-    """The plans; records "Viewed Pricing" for whoever is looking, named or not."""
+    """The plans; records "Viewed Pricing" for whoever is looking, named or not.
+
+    ``?plan=`` marks the plan a visitor chose before signing up ("Start with Pro"): the
+    sign-up form sends them back here with it, so the choice survives the sign-up.
+    """
     current = getattr(getattr(request.user, "subscription", None), "plan", None)
+    chosen = request.GET.get("plan") if request.GET.get("plan") in PLANS else None
     km.record("Viewed Pricing", {"plans shown": len(PLANS), "current plan": current})
-    return render(request, "shop/pricing.html", {"plans": PLANS.values(), "current": current})
+    context = {"plans": PLANS.values(), "current": current, "chosen": chosen}
+    return render(request, "shop/pricing.html", context)
 
 
 def signup(request: HttpRequest) -> HttpResponse:

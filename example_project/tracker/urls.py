@@ -1,4 +1,4 @@
-"""The stand-in tracker's URLs: the tracking API's three paths and the live page."""
+"""The stand-in tracker's URLs: the tracking API's paths, a site script, the live page."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ urlpatterns = [
     path("e", views.collect, {"path": "/e"}, name="record"),
     path("s", views.collect, {"path": "/s"}, name="set"),
     path("a", views.collect, {"path": "/a"}, name="alias"),
+    path("<str:key>.2.js", views.site_script, name="site-script"),
     path("", views.index, name="index"),
     path("people/", views.people_fragment, name="people"),
     path("people.json", views.people_json, name="people-json"),

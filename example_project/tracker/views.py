@@ -40,6 +40,19 @@ def collect(request: HttpRequest, path: str) -> HttpResponse:
     return HttpResponse(GIF, content_type="image/gif")
 
 
+@require_GET
+def site_script(request: HttpRequest, key: str) -> HttpResponse:
+    """``/<key>.2.js``: in place of the site script the real library loads for a key.
+
+    The real one carries the site's settings from Kissmetrics; the stand-in has none, so
+    the page only loads this, and nothing from Kissmetrics' hosts.
+    """
+    return HttpResponse(
+        f"/* Stand-in site script for key {key!r}: nothing to configure. */\n",
+        content_type="text/javascript",
+    )
+
+
 def index(request: HttpRequest) -> HttpResponse:
     """The live page: people, their identities, properties and timelines."""
     return render(request, "tracker/index.html", _context())

@@ -4,13 +4,14 @@
  * cannot reach and which would send to Kissmetrics, not to the stand-in. Like the real
  * library, it runs the commands {% kissmetrics_js %} queued in _kmq and reads the km_ai
  * cookie the server wrote, so browser-side events land on the same person as the
- * server's. Only included while KISSMETRICS["TRACKING_URL"] is the stand-in.
+ * server's. The demo's settings make the tag load it (KISSMETRICS["SCRIPT_URLS"]) while
+ * KISSMETRICS["TRACKING_URL"] is the stand-in, with the tracker's URL in ?url=.
  */
 (function () {
   "use strict";
   var script = document.currentScript;
-  var base = script.dataset.url;
-  var key = script.dataset.key;
+  var base = new URL(script.src).searchParams.get("url");
+  var key = window._kmk;
   var named = null;
   var queue = (window._kmq = window._kmq || []);
   if (!Array.isArray(queue)) {
