@@ -303,6 +303,10 @@ class RequestTracker(Tracker):
     new_anonymous_id = False
     logged_out = False
     browser_rendered = False
+    #: The visitor has not agreed to analytics (``CONSENT``): the tag renders the inert loader.
+    awaiting_consent = False
+    #: Not agreed, yet the browser holds Kissmetrics cookies: the response deletes them.
+    withdrawn = False
     _closed = False
     _identity: str | None = None
     _user_identity: tuple[Any, str | None] | None = None
