@@ -32,6 +32,7 @@ urlpatterns += [
 
 urlpatterns += [
     path("cookies/", include("cookie_consent.urls")),
+    path("consent/page/", views.consent_page),
     path("consent/explicit/", views.consent_explicit),
     path("consent/identify/", views.consent_identify),
 ]

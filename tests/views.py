@@ -156,6 +156,11 @@ def consent_identify(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect("/browser/page/")
 
 
+def consent_page(request: HttpRequest) -> HttpResponse:
+    """The tag and a hand-made banner that accepts or declines on django-cookie-consent's views."""
+    return render(request, "consent_page.html")
+
+
 def banner_consent(request: HttpRequest) -> bool:
     """A ``CONSENT`` function reading a hand-made banner's cookie, as the README shows."""
     return request.COOKIES.get("analytics_consent") == "yes"
