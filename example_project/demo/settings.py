@@ -132,6 +132,14 @@ KISSMETRICS = {
     ],
 }
 
+# --- Consent -----------------------------------------------------------------------------
+
+# Nobody is tracked until they accept the "analytics" cookie group in the banner, kept by
+# django-cookie-consent (the group is made by shop's migration 0002).
+INSTALLED_APPS += ["cookie_consent"]
+KISSMETRICS["CONSENT"] = "django_kissmetrics.consent.django_cookie_consent"
+COOKIE_CONSENT_SUCCESS_URL = "/"
+
 #: The pages play the Kissmetrics JavaScript library's part (see shop/static/shop/kmq.js)
 #: only while events go to the stand-in tracker.
 DEMO_STANDIN = KISSMETRICS["TRACKING_URL"] == STANDIN_TRACKING_URL

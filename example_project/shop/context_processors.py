@@ -17,4 +17,6 @@ def demo(request: HttpRequest) -> dict[str, Any]:
         "tracking_url": settings.KISSMETRICS["TRACKING_URL"],
         "tracking_key": settings.KISSMETRICS["API_KEY"],
         "standin": settings.DEMO_STANDIN,
+        # Not agreed to analytics yet (KISSMETRICS["CONSENT"]): the banner asks.
+        "consent_pending": bool(tracker is not None and tracker.awaiting_consent),
     }

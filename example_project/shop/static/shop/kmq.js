@@ -8,6 +8,9 @@
  */
 (function () {
   "use strict";
+  if (typeof window._kmk === "undefined") {
+    return; // No consent yet: {% kissmetrics_js %} left the loader inert, and so stays this.
+  }
   var script = document.currentScript;
   var base = script.dataset.url;
   var key = script.dataset.key;
