@@ -18,7 +18,7 @@ from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse
 from django.template import Context, Template
-from django.test import Client, RequestFactory
+from django.test import Client, RequestFactory, modify_settings
 
 from django_kissmetrics.commands import Command
 from django_kissmetrics.conf import ConfigurationError, load
@@ -437,3 +437,26 @@ def test_django_cookie_consent_costs_no_query_before_consent(
     post_consent(client, "decline")
     with django_assert_num_queries(0):
         client.get("/record/")
+
+
+# The system check.
+
+
+def consent_check_ids(**overrides: Any) -> list[str]:
+    from django.conf import settings
+    from django.test import override_settings
+
+    from django_kissmetrics.checks import check_settings
+
+    with override_settings(KISSMETRICS={**settings.KISSMETRICS, **overrides}):
+        return [m.id or "" for m in check_settings()]
+
+
+def test_the_check_names_a_gate_that_cannot_work() -> None:
+    assert consent_check_ids(CONSENT=BANNER) == []
+    assert consent_check_ids(CONSENT="django_kissmetrics.consent.django_cookie_consent") == []
+    assert consent_check_ids(CONSENT="tests.views.no_such_function") == ["django_kissmetrics.E004"]
+    with modify_settings(INSTALLED_APPS={"remove": "cookie_consent"}):
+        assert consent_check_ids(CONSENT="django_kissmetrics.consent.django_cookie_consent") == [
+            "django_kissmetrics.E004"
+        ]
