@@ -171,6 +171,13 @@ def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
         logger.exception("Kissmetrics: error while finishing a request")
 
 
+def _gated() -> bool:
+    try:
+        return get_settings().CONSENT is not None
+    except Exception:
+        return False  # start() logs what is wrong with the settings.
+
+
 class KissmetricsMiddleware:
     """Binds a tracker to each request (``request.km`` and ``km``) and delivers its commands.
 
@@ -205,7 +212,11 @@ class KissmetricsMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         """The ASGI path: the same, without blocking the event loop."""
-        tracker = start(request)
+        if _gated():
+            # The site's CONSENT function may query the database: not on the event loop.
+            tracker = await sync_to_async(start, thread_sensitive=True)(request)
+        else:
+            tracker = start(request)
         token = _current.set(tracker)
         try:
             response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]

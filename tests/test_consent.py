@@ -460,3 +460,16 @@ def test_the_check_names_a_gate_that_cannot_work() -> None:
         assert consent_check_ids(CONSENT="django_kissmetrics.consent.django_cookie_consent") == [
             "django_kissmetrics.E004"
         ]
+
+
+def test_asgi_a_gate_that_queries_runs_off_the_event_loop(
+    client: Client, async_client: Any, km_outbox: list[Command], cookie_consent: Any
+) -> None:
+    from cookie_consent.cache import delete_cache
+
+    post_consent(client, "accept")
+    async_client.cookies["cookie_consent"] = client.cookies["cookie_consent"].value
+    delete_cache()  # The adapter must read the cookie groups from the database.
+    response = fetch(async_client, "/async-record/")
+    person = unquote(response.cookies["km_ai"].value)
+    assert [(c.person, c.name) for c in km_outbox] == [(person, "Async Event")]
