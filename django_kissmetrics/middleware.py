@@ -11,6 +11,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
+from django.utils.cache import patch_vary_headers
 
 from .backends import get_backend
 from .conf import get_settings
@@ -83,8 +84,14 @@ def _make_tracker(request: HttpRequest) -> RequestTracker:
         # Not this visitor, but code here may still track someone by name
         # (an admin action about a customer).
         return RequestTracker(request, active=False, allow_explicit=True)
-    if conf.CONSENT is not None and not agreed(request, conf.CONSENT):
-        return _not_agreed(request, conf.COOKIE_NAME)
+    if conf.CONSENT is not None:
+        if not agreed(request, conf.CONSENT):
+            return _not_agreed(request, conf.COOKIE_NAME)
+        tracker = RequestTracker(
+            request, anonymous_id=decode_cookie(request.COOKIES.get(conf.COOKIE_NAME))
+        )
+        tracker.gated = True
+        return tracker
     return RequestTracker(
         request, anonymous_id=decode_cookie(request.COOKIES.get(conf.COOKIE_NAME))
     )
@@ -98,7 +105,7 @@ def _not_agreed(request: HttpRequest, cookie_name: str) -> RequestTracker:
     # As on an excluded path: nothing about this visitor, but calls naming someone
     # (the site's own dealings with a customer) still go.
     tracker = RequestTracker(request, active=False, allow_explicit=True)
-    tracker.awaiting_consent = True
+    tracker.awaiting_consent = tracker.gated = True
     if _held(request, cookie_name):
         tracker.withdrawn = True
     return tracker
@@ -165,8 +172,12 @@ def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
             write_cookies(tracker, response)
         if tracker.browser:
             keep_browser_commands(tracker)
-        if tracker.withdrawn:
-            forget(tracker, response)
+        if tracker.gated:
+            # The page (live or inert loader) depends on the consent cookie: a shared
+            # cache must not hand one visitor's answer to another.
+            patch_vary_headers(response, ("Cookie",))
+            if tracker.withdrawn:
+                forget(tracker, response)
     except Exception:
         logger.exception("Kissmetrics: error while finishing a request")
 

@@ -312,6 +312,15 @@ def test_the_middleware_decides_once_per_request(rf: RequestFactory, gate: Any) 
     assert response.cookies["km_ai"]["max-age"] == 0
 
 
+def test_a_gated_page_varies_on_the_cookie(client: Client, km_settings: Any) -> None:
+    """A shared cache must not give one visitor's loader (live or inert) to another."""
+    assert "Vary" not in client.get("/nothing/")  # No gate: nothing on the package's account.
+    km_settings(CONSENT=BANNER)
+    assert "Cookie" in client.get("/nothing/")["Vary"]
+    agree(client)
+    assert "Cookie" in client.get("/nothing/")["Vary"]
+
+
 def test_dnt_wins_over_consent(client: Client, gate: Any, km_outbox: list[Command]) -> None:
     agree(client)
     response = client.get("/browser/tag/", headers={"DNT": "1"})
