@@ -84,17 +84,14 @@ def _make_tracker(request: HttpRequest) -> RequestTracker:
         # Not this visitor, but code here may still track someone by name
         # (an admin action about a customer).
         return RequestTracker(request, active=False, allow_explicit=True)
-    if conf.CONSENT is not None:
-        if not agreed(request, conf.CONSENT):
-            return _not_agreed(request, conf.COOKIE_NAME)
-        tracker = RequestTracker(
-            request, anonymous_id=decode_cookie(request.COOKIES.get(conf.COOKIE_NAME))
-        )
-        tracker.gated = True
-        return tracker
-    return RequestTracker(
+    if conf.CONSENT is not None and not agreed(request, conf.CONSENT):
+        return _not_agreed(request, conf.COOKIE_NAME)
+    tracker = RequestTracker(
         request, anonymous_id=decode_cookie(request.COOKIES.get(conf.COOKIE_NAME))
     )
+    if conf.CONSENT is not None:
+        tracker.gated = True
+    return tracker
 
 
 #: The cookies of a visitor besides ``COOKIE_NAME``: the library's, all named ``km_*``.

@@ -12,7 +12,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from ..conf import get_settings
+from ..conf import Settings, get_settings
 from ..cookies import cookie_domain_for
 from ..tracker import SESSION_BROWSER, RequestTracker, stored_session
 
@@ -66,7 +66,7 @@ def page_commands(tracker: RequestTracker) -> list[list[Any]]:
     return [*clear, *identify, *rest]
 
 
-def _nonce_attribute(request: Any, conf: Any) -> str:
+def _nonce_attribute(request: Any, conf: Settings) -> str:
     nonce = getattr(request, conf.CSP_NONCE_ATTRIBUTE or "", None)
     return f' nonce="{escape(str(nonce))}"' if nonce else ""
 
@@ -105,17 +105,11 @@ def kissmetrics_js(context: template.Context) -> SafeString | str:
     """
     request = context.get("request")
     tracker = getattr(request, "km", None)
-    if not isinstance(tracker, RequestTracker):
+    if not isinstance(tracker, RequestTracker) or not (tracker.active or tracker.awaiting_consent):
         return ""
-    if not tracker.active:
-        if not tracker.awaiting_consent:
-            return ""
-        try:
-            return _inert(request, tracker)
-        except Exception:
-            logger.exception("Kissmetrics: could not render {% kissmetrics_js %}")
-            return ""
     try:
+        if not tracker.active:
+            return _inert(request, tracker)
         conf = get_settings()
         lines = [*_head(conf.API_KEY, cookie_domain_for(tracker.request))]
         for command in page_commands(tracker):
