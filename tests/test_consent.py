@@ -128,9 +128,7 @@ def test_not_agreed_the_tag_renders_the_loader_inert(client: Client, gate: Any) 
     assert "window.kissmetricsStart=function()" in starter
 
 
-def test_the_inert_loader_attributes_and_the_nonce(
-    client: Client, gate: Any, km_settings: Any
-) -> None:
+def test_the_inert_loader_attributes_and_the_nonce(client: Client, gate: Any) -> None:
     gate(
         CONSENT_SCRIPT_ATTRIBUTES={
             "type": "text/plain",
