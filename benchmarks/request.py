@@ -231,6 +231,13 @@ VISITORS = {
     "returning visitor": f"km_ai={encode_cookie(RETURNING_ID)}",
     "first visit": None,
 }
+#: ``--consent``: the cookie a consent banner set, and the ``CONSENT`` function reading it.
+CONSENT_COOKIE = "analytics_consent=yes"
+
+
+def banner_consent(request: HttpRequest) -> bool:
+    """``CONSENT`` for ``--consent``: the visitor agreed in the banner."""
+    return request.COOKIES.get("analytics_consent") == "yes"
 
 
 @dataclasses.dataclass
@@ -256,6 +263,7 @@ def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
         "CELERY_QUEUE": queue,
         # Never contacted: no worker consumes the queue.
         "TRACKING_URL": "http://127.0.0.1:9",
+        **({"CONSENT": "__main__.banner_consent"} if args.consent else {}),
         **km_overrides,
     }
     _common.setup_django(
@@ -510,6 +518,7 @@ def instructions(args: argparse.Namespace) -> int:
     n: int = args.requests
     print("benchmarks/request.py --instructions: one km.record per request, counted by callgrind")
     print(_common.machine())
+    print(f"CONSENT: {'a function reading the banner cookie' if args.consent else 'None'}")
     print(
         f"middleware ({args.stack}), view ({args.view}) and broker as in the timed run; "
         f"{n} requests per round, one Celery message per round"
@@ -529,7 +538,7 @@ def instructions(args: argparse.Namespace) -> int:
         command += [sys.executable, __file__, "--child", f"{kind}:{visitor}:{rounds}"]
         command += ["--requests", str(n), "--redis", args.redis, "--stack", args.stack]
         command += ["--view", args.view]
-        command += ["--queue", queue]
+        command += ["--queue", queue, *(["--consent"] if args.consent else [])]
         # A fixed hash seed: the same dict and set layouts in every run.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -598,9 +607,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="count instructions per request with valgrind's callgrind instead of timing",
     )
+    parser.add_argument(
+        "--consent",
+        action="store_true",
+        help="gate on CONSENT (a function reading a banner's cookie), every visitor agreed",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--queue", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.consent:  # Both sites get the banner's cookie; only the tracked one reads it.
+        for label, cookie in VISITORS.items():
+            VISITORS[label] = "; ".join(c for c in (cookie, CONSENT_COOKIE) if c)
     if args.child:
         return child(args)
     if args.instructions:

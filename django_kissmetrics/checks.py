@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
+from django.utils.module_loading import import_string
 
 from .conf import ConfigurationError, get_settings
 
@@ -51,6 +53,26 @@ def _celery_problem() -> CheckMessage | None:
     return None
 
 
+#: The adapter for django-cookie-consent, which needs that app installed.
+COOKIE_CONSENT_ADAPTER = "django_kissmetrics.consent.django_cookie_consent"
+
+
+def _consent_problem(path: str) -> CheckMessage | None:
+    try:
+        import_string(path)
+    except ImportError as exc:
+        problem = f"cannot be imported ({exc})"
+    else:
+        if path != COOKIE_CONSENT_ADAPTER or apps.is_installed("cookie_consent"):
+            return None
+        problem = 'needs "cookie_consent" in INSTALLED_APPS (pip install django-cookie-consent)'
+    return Error(
+        f'KISSMETRICS["CONSENT"] = {path!r} {problem}: every visitor counts as not agreed.',
+        hint="Point it at a function request -> bool.",
+        id="django_kissmetrics.E004",
+    )
+
+
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """The checks: a valid setting, an API key, a usable backend, the middleware in place."""
     messages: list[CheckMessage] = []
@@ -68,6 +90,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         )
     if conf.BACKEND == "celery":
         problem = _celery_problem()
+        if problem is not None:
+            messages.append(problem)
+    if conf.CONSENT is not None:
+        problem = _consent_problem(conf.CONSENT)
         if problem is not None:
             messages.append(problem)
     middleware = list(getattr(settings, "MIDDLEWARE", []))

@@ -111,6 +111,18 @@ class Settings:
     CSP_NONCE_ATTRIBUTE: str | None = _key(
         "csp_nonce", "The request attribute holding a CSP nonce."
     )
+    CONSENT: str | None = _key(
+        None, "Dotted path of request -> bool, true once the visitor agreed; None: no gate."
+    )
+    CONSENT_COOKIE_GROUP: str = _key(
+        "analytics", "The django-cookie-consent group that the consent adapter reads."
+    )
+    CONSENT_SCRIPT_ATTRIBUTES: tuple[tuple[str, str], ...] = _key(
+        (("type", "text/plain"), ("data-category", "analytics")),
+        "Attributes of the inert loader a consent manager switches on.",
+        accepts=(dict, tuple),
+        convert=lambda value: tuple(dict(value).items()),
+    )
 
     @functools.cached_property
     def enabled(self) -> bool:
@@ -157,6 +169,27 @@ def _check(field: dataclasses.Field[Any], value: Any) -> Any:
     return value
 
 
+#: An HTML attribute name: nothing that could end the attribute or the tag.
+_ATTRIBUTE_NAME = re.compile(r"[A-Za-z_:][-A-Za-z0-9_:.]*")
+#: ``type`` values that make a browser run a script: the inert loader must have none of them.
+_SCRIPT_TYPES = frozenset({"", "text/javascript", "application/javascript", "module"})
+
+
+def _check_script_attributes(value: Any) -> None:
+    key = "CONSENT_SCRIPT_ATTRIBUTES"
+    try:
+        attributes = dict(value)
+    except (TypeError, ValueError):
+        raise _error(key, "must be a dict of attribute names to values") from None
+    for name, value in attributes.items():
+        if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name):
+            raise _error(key, f"holds {name!r}, which is not an HTML attribute name")
+        if not isinstance(value, str):
+            raise _error(key, f"[{name!r}] must be str, not {type(value).__name__}")
+    if str(attributes.get("type", "")).strip().lower() in _SCRIPT_TYPES:
+        raise _error(key, 'needs a "type" the browser does not run, such as "text/plain"')
+
+
 def load(user: Any) -> Settings:
     """Validate a ``KISSMETRICS`` dict and merge it with :data:`DEFAULTS`."""
     if user is None:
@@ -180,6 +213,7 @@ def load(user: Any) -> Settings:
             "must be two script URLs (https://, // or /), "
             "like ('//i.kissmetrics.io/i.js', '//scripts.kissmetrics.io/{key}.2.js')",
         )
+    _check_script_attributes(values["CONSENT_SCRIPT_ATTRIBUTES"])
     for field in _FIELDS:
         convert = field.metadata["convert"]
         if convert is not None:

@@ -20,7 +20,13 @@ from django.utils.http import http_date
 from .conf import get_settings
 from .identity import cookie_domain
 
-__all__ = ["AnonymousCookie", "anonymous_cookie", "cookie_domain_for", "set_anonymous_cookie"]
+__all__ = [
+    "AnonymousCookie",
+    "anonymous_cookie",
+    "cookie_domain_for",
+    "delete_cookies",
+    "set_anonymous_cookie",
+]
 
 #: (X-Forwarded-Host, Host) headers that passed ``request.get_host()`` -> cookie domain.
 _domains: dict[tuple[str | None, str], str | None] = {}
@@ -53,6 +59,17 @@ def cookie_domain_for(request: HttpRequest) -> str | None:
             _domains.clear()  # Bounded, whatever hosts ALLOWED_HOSTS lets in.
         _domains[key] = domain
     return domain
+
+
+def delete_cookies(response: HttpResponseBase, request: HttpRequest, names: list[str]) -> None:
+    """Delete the cookies ``names`` with the ``Domain`` and path ``km_ai`` is written with.
+
+    A cookie is deleted only by one with the same name, domain and path: the library and
+    the server both write them for :func:`cookie_domain_for` and ``/``.
+    """
+    domain = cookie_domain_for(request)
+    for name in names:
+        response.delete_cookie(name, path="/", domain=domain, samesite="Lax")
 
 
 @receiver(setting_changed, dispatch_uid="django_kissmetrics.cookies")

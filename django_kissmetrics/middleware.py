@@ -11,13 +11,16 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
+from django.utils.cache import patch_vary_headers
 
 from .backends import get_backend
 from .browser import SESSION_BROWSER
 from .conf import get_settings
-from .cookies import cookie_domain_for, set_anonymous_cookie
+from .consent import agreed
+from .cookies import delete_cookies, set_anonymous_cookie
 from .identity import decode_cookie, encode_base64_id
-from .tracker import RequestTracker, _current
+from .person import SESSION_IDENTITY, stored_session
+from .tracker import SESSION_ALIASED, RequestTracker, _current
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +79,53 @@ def _make_tracker(request: HttpRequest) -> RequestTracker:
         # Not this visitor, but code here may still track someone by name
         # (an admin action about a customer).
         return RequestTracker(request, active=False, allow_explicit=True)
-    return RequestTracker(
+    if conf.CONSENT is not None and not agreed(request, conf.CONSENT):
+        return _not_agreed(request, conf.COOKIE_NAME)
+    tracker = RequestTracker(
         request, anonymous_id=decode_cookie(request.COOKIES.get(conf.COOKIE_NAME))
     )
+    if conf.CONSENT is not None:
+        tracker.gated = True
+    return tracker
+
+
+#: The cookies of a visitor besides ``COOKIE_NAME``: the library's, all named ``km_*``.
+_LIBRARY_COOKIE_PREFIX = "km_"
+
+
+def _not_agreed(request: HttpRequest, cookie_name: str) -> RequestTracker:
+    # As on an excluded path: nothing about this visitor, but calls naming someone
+    # (the site's own dealings with a customer) still go.
+    tracker = RequestTracker(request, active=False, allow_explicit=True)
+    tracker.awaiting_consent = tracker.gated = True
+    if _held(request, cookie_name):
+        tracker.withdrawn = True
+    return tracker
+
+
+def _held(request: HttpRequest, cookie_name: str) -> list[str]:
+    # Empty values are deleted cookies a client still sends (Django's test client does).
+    return [
+        name
+        for name, value in request.COOKIES.items()
+        if value and (name == cookie_name or name.startswith(_LIBRARY_COOKIE_PREFIX))
+    ]
+
+
+#: What the session keeps for Kissmetrics: dropped when consent is withdrawn.
+_SESSION_KEYS = (SESSION_BROWSER, SESSION_IDENTITY, SESSION_ALIASED)
+
+
+def forget(tracker: RequestTracker, response: HttpResponseBase) -> None:
+    """Consent withdrawn: delete the visitor's Kissmetrics cookies and what the session kept."""
+    request = tracker.request
+    name = get_settings().COOKIE_NAME
+    delete_cookies(response, request, sorted({name, "km_ni", *_held(request, name)}))
+    session = stored_session(request)
+    if session is not None:
+        # A fresh start: a later agreement is a new anonymous person, not the old one.
+        for key in _SESSION_KEYS:
+            session.pop(key, None)
 
 
 def write_cookies(tracker: RequestTracker, response: HttpResponseBase) -> None:
@@ -89,8 +136,7 @@ def write_cookies(tracker: RequestTracker, response: HttpResponseBase) -> None:
     # Only new_anonymous_id() sets it when new_anonymous_id is true: Base64.
     set_anonymous_cookie(response, request, encode_base64_id(tracker.anonymous_id))
     if tracker.logged_out:
-        domain = cookie_domain_for(request)
-        response.delete_cookie("km_ni", path="/", domain=domain, samesite="Lax")
+        delete_cookies(response, request, ["km_ni"])
 
 
 def keep_browser_commands(tracker: RequestTracker) -> None:
@@ -118,8 +164,21 @@ def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
             write_cookies(tracker, response)
         if tracker.browser:
             keep_browser_commands(tracker)
+        if tracker.gated:
+            # The page (live or inert loader) depends on the consent cookie: a shared
+            # cache must not hand one visitor's answer to another.
+            patch_vary_headers(response, ("Cookie",))
+            if tracker.withdrawn:
+                forget(tracker, response)
     except Exception:
         logger.exception("Kissmetrics: error while finishing a request")
+
+
+def _gated() -> bool:
+    try:
+        return get_settings().CONSENT is not None
+    except Exception:
+        return False  # start() logs what is wrong with the settings.
 
 
 class KissmetricsMiddleware:
@@ -156,7 +215,11 @@ class KissmetricsMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         """The ASGI path: the same, without blocking the event loop."""
-        tracker = start(request)
+        if _gated():
+            # The site's CONSENT function may query the database: not on the event loop.
+            tracker = await sync_to_async(start, thread_sensitive=True)(request)
+        else:
+            tracker = start(request)
         token = _current.set(tracker)
         try:
             response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
@@ -166,6 +229,7 @@ class KissmetricsMiddleware:
         if (
             tracker.has_deferred
             or (tracker.browser and not tracker.browser_rendered)
+            or tracker.withdrawn  # Reads and writes the session.
             or getattr(backend, "blocking", True)
         ):
             # Resolving a user, writing the session or a blocking delivery touch the

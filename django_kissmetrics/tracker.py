@@ -175,6 +175,12 @@ class RequestTracker(CurrentPerson, Tracker):
     new_anonymous_id = False
     logged_out = False
     browser_rendered = False
+    #: ``CONSENT`` was asked about this request.
+    gated = False
+    #: The visitor has not agreed to analytics (``CONSENT``): the tag renders the inert loader.
+    awaiting_consent = False
+    #: Not agreed, yet the browser holds Kissmetrics cookies: the response deletes them.
+    withdrawn = False
     _closed = False
     _aliased: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
     _signed_up: frozenset[str] | set[str] = frozenset()

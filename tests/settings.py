@@ -18,6 +18,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "allauth",
     "allauth.account",
+    "cookie_consent",
     "django_kissmetrics",
     "tests",
 ]

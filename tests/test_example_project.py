@@ -201,6 +201,16 @@ def km_ai(page: Any) -> str:
     return value
 
 
+def accept_analytics(page: Any) -> None:
+    """Accept the banner's "analytics" group; django-cookie-consent sends the page back."""
+    with page.expect_navigation():
+        page.get_by_role("button", name="Accept analytics").click()
+
+
+def km_cookie_names(context: Any) -> list[str]:
+    return sorted(c["name"] for c in context.cookies() if c["name"].startswith("km_"))
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     """The example project, migrated and serving."""
@@ -236,16 +246,18 @@ def journey(demo: Demo) -> Journey:
             page = context.new_page()
 
             page.goto(f"{demo.url}/")
-            first_visit_id = km_ai(page)
-            if shots:
+            if shots:  # With the consent banner, as a first visit sees it.
                 Path(shots).mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(Path(shots) / "demo-home.png"), full_page=True)
+            accept_analytics(page)
+            first_visit_id = km_ai(page)
 
             # Meanwhile, someone else only looks at the prices.
             other = browser.new_context()
             other.route(KISSMETRICS_HOSTS, refuse)
             other_page = other.new_page()
             other_page.goto(f"{demo.url}/pricing/")
+            accept_analytics(other_page)
             other_visitor_id = km_ai(other_page)
             other.close()
 
@@ -400,3 +412,35 @@ def test_renew_subscriptions_refuses_an_unknown_user(demo: Demo) -> None:
     result = demo.manage("renew_subscriptions", "--user", "nobody")
     assert result.returncode != 0
     assert "'nobody' has no subscription to renew" in result.stderr
+
+
+def test_nothing_is_tracked_before_the_banner_is_accepted(demo: Demo) -> None:
+    """The consent gate: no cookie and no event before accepting; withdrawing deletes km_ai."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.route(KISSMETRICS_HOSTS, lambda route: route.abort())
+            page = context.new_page()
+            page.goto(f"{demo.url}/pricing/")
+            assert page.get_by_role("button", name="Accept analytics").is_visible()
+            assert page.locator("footer").inner_text().startswith("This page is not tracked.")
+            assert km_cookie_names(context) == []
+            before = len(demo.people())
+
+            accept_analytics(page)
+            anonymous = km_ai(page)
+            people = demo.wait_for(lambda people: len(people) > before)
+            (person,) = [p for p in people if anonymous in p["identities"]]
+            assert recorded(person) == {("Viewed Pricing", anonymous, "server")}
+
+            with page.expect_navigation():
+                page.get_by_role("button", name="Withdraw consent").click()
+            page.goto(f"{demo.url}/pricing/")
+            assert km_cookie_names(context) == []
+            assert page.get_by_role("button", name="Accept analytics").count() == 0  # Declined.
+            assert len(demo.people()) == before + 1
+        finally:
+            browser.close()

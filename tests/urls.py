@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from allauth.account.views import SignupView
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
 from . import views
 
@@ -28,4 +28,11 @@ urlpatterns += [
     path("browser/tag/", views.browser_tag),
     path("browser/csp/", views.browser_csp),
     path("browser/vector/", views.browser_vector),
+]
+
+urlpatterns += [
+    path("cookies/", include("cookie_consent.urls")),
+    path("consent/page/", views.consent_page),
+    path("consent/explicit/", views.consent_explicit),
+    path("consent/identify/", views.consent_identify),
 ]

@@ -134,3 +134,38 @@ def browser_vector(request: HttpRequest) -> HttpResponse:
 def vector_identity(user: User) -> str:
     """An ``IDENTITY`` function for the XSS suite: whatever the user's first name holds."""
     return user.first_name
+
+
+# Views for the consent suites (tests/test_consent.py, tests/test_browser_consent.py).
+
+
+def consent_explicit(request: HttpRequest) -> HttpResponse:
+    """A call about the current person and one about a named customer."""
+    km.record("Viewed Page")
+    km.set({"plan": "pro"})
+    km.record("Refunded", {"amount": 49}, identity="customer-7")
+    km.set({"refunded": True}, identity="customer-7")
+    km.alias("customer-7", "c7@example.com")
+    return HttpResponse("ok")
+
+
+def consent_identify(request: HttpRequest) -> HttpResponse:
+    """``km.identify()`` and browser-side commands, then a redirect (kept in the session)."""
+    km.identify("ann@example.com")
+    km.js.record("Clicked Buy")
+    return HttpResponseRedirect("/browser/page/")
+
+
+def consent_page(request: HttpRequest) -> HttpResponse:
+    """The tag and a hand-made banner that accepts or declines on django-cookie-consent's views."""
+    return render(request, "consent_page.html")
+
+
+def banner_consent(request: HttpRequest) -> bool:
+    """A ``CONSENT`` function reading a hand-made banner's cookie, as the README shows."""
+    return request.COOKIES.get("analytics_consent") == "yes"
+
+
+def broken_consent(request: HttpRequest) -> bool:
+    """A ``CONSENT`` function with a bug."""
+    raise RuntimeError("consent store unreachable")

@@ -13,7 +13,7 @@ from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
 from ..browser import SESSION_BROWSER
-from ..conf import get_settings
+from ..conf import Settings, get_settings
 from ..cookies import cookie_domain_for
 from ..person import stored_session
 from ..tracker import RequestTracker
@@ -71,14 +71,50 @@ def page_commands(tracker: RequestTracker) -> list[list[Any]]:
     return [*clear, *identify, *rest]
 
 
+def _nonce_attribute(request: Any, conf: Settings) -> str:
+    nonce = getattr(request, conf.CSP_NONCE_ATTRIBUTE or "", None)
+    return f' nonce="{escape(str(nonce))}"' if nonce else ""
+
+
+#: Defines ``kissmetricsStart()``: runs the inert loader just before it, once, as a live
+#: script carrying the same nonce. Nothing runs if the loader already did (``_kms`` is
+#: its function), whether a consent manager or an earlier call started it.
+STARTER = (
+    "(function(c){var e=c.previousElementSibling,n=c.nonce;"
+    "window.kissmetricsStart=function(){if(window._kms)return;"
+    "var s=document.createElement('script');if(n)s.nonce=n;s.text=e.text;"
+    "c.parentNode.insertBefore(s,c.nextSibling);};})(document.currentScript);"
+)
+
+
+def _inert(request: Any, tracker: RequestTracker) -> SafeString:
+    """The loader for a visitor who has not agreed: inert until a consent manager runs it.
+
+    No command and no identity: nothing about this visitor is known or sent yet.
+    """
+    conf = get_settings()
+    lines = _head(conf.API_KEY, cookie_domain_for(tracker.request), conf.SCRIPT_URLS)
+    nonce = _nonce_attribute(request, conf)
+    marks = "".join(f' {name}="{escape(value)}"' for name, value in conf.CONSENT_SCRIPT_ATTRIBUTES)
+    return mark_safe(
+        f"<script{marks}{nonce}>\n" + "\n".join(lines) + "\n</script>"
+        f"<script{nonce}>{STARTER}</script>"
+    )
+
+
 @register.simple_tag(takes_context=True)
 def kissmetrics_js(context: template.Context) -> SafeString | str:
-    """The loader script; empty for a visitor who is not tracked or outside a request."""
+    """The loader script; empty for a visitor who is not tracked or outside a request.
+
+    A visitor who has not agreed (``CONSENT``) gets it inert, with ``kissmetricsStart()``.
+    """
     request = context.get("request")
     tracker = getattr(request, "km", None)
-    if not isinstance(tracker, RequestTracker) or not tracker.active:
+    if not isinstance(tracker, RequestTracker) or not (tracker.active or tracker.awaiting_consent):
         return ""
     try:
+        if not tracker.active:
+            return _inert(request, tracker)
         conf = get_settings()
         lines = [*_head(conf.API_KEY, cookie_domain_for(tracker.request), conf.SCRIPT_URLS)]
         for command in page_commands(tracker):
@@ -87,8 +123,7 @@ def kissmetrics_js(context: template.Context) -> SafeString | str:
             except (TypeError, ValueError):
                 # One unserialisable value must not cost the page its loader and the rest.
                 logger.exception("Kissmetrics: dropped a browser command that is not JSON")
-        nonce = getattr(request, conf.CSP_NONCE_ATTRIBUTE or "", None)
-        attr = f' nonce="{escape(str(nonce))}"' if nonce else ""
+        attr = _nonce_attribute(request, conf)
     except Exception:
         logger.exception("Kissmetrics: could not render {% kissmetrics_js %}")
         return ""

@@ -133,6 +133,14 @@ KISSMETRICS = {
     ],
 }
 
+# --- Consent -----------------------------------------------------------------------------
+
+# Nobody is tracked until they accept the "analytics" cookie group in the banner, kept by
+# django-cookie-consent (the group is made by shop's migration 0002).
+INSTALLED_APPS += ["cookie_consent"]
+KISSMETRICS["CONSENT"] = "django_kissmetrics.consent.django_cookie_consent"
+COOKIE_CONSENT_SUCCESS_URL = "/"
+
 #: While events go to the stand-in tracker, the pages never load the real Kissmetrics
 #: library (it would send the demo's events to Kissmetrics): the tag loads the demo's
 #: stand-in library (shop/static/shop/kmq.js) and site script (the tracker's) instead.

@@ -8,5 +8,6 @@ from django.urls import include, path
 urlpatterns = [
     path("", include("shop.urls")),
     path("tracker/", include("tracker.urls")),
+    path("cookies/", include("cookie_consent.urls")),
     path("admin/", admin.site.urls),
 ]

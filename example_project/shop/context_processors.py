@@ -16,4 +16,6 @@ def demo(request: HttpRequest) -> dict[str, Any]:
         "km_named": bool(tracker is not None and tracker.named),
         "tracking_url": settings.KISSMETRICS["TRACKING_URL"],
         "standin": settings.DEMO_STANDIN,
+        # Not agreed to analytics yet (KISSMETRICS["CONSENT"]): the banner asks.
+        "consent_pending": bool(tracker is not None and tracker.awaiting_consent),
     }

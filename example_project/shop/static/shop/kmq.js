@@ -9,6 +9,9 @@
  */
 (function () {
   "use strict";
+  if (typeof window._kmk === "undefined") {
+    return; // No consent yet: {% kissmetrics_js %} left the loader inert, and so stays this.
+  }
   var script = document.currentScript;
   var base = new URL(script.src).searchParams.get("url");
   var key = window._kmk;
