@@ -1,0 +1,160 @@
+"""The debug-toolbar panel, rendered by the real toolbar for real requests.
+
+Each test makes a request through django-debug-toolbar's middleware, then asks the
+toolbar's own ``render_panel`` view for the panel, as the toolbar's JavaScript does.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from django.contrib.auth.models import User
+from django.db import transaction
+from django.test import Client, override_settings
+
+from tests.panel_site import TOOLBAR_SETTINGS
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("debug_toolbar")
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def toolbar() -> Iterator[None]:
+    with override_settings(**TOOLBAR_SETTINGS):
+        yield
+
+
+def request_ids() -> set[str]:
+    from debug_toolbar.store import get_store
+
+    return set(get_store().request_ids())
+
+
+def panel_after(client: Client, url: str, **extra: str) -> str:
+    """GET ``url``; return the panel's HTML for that request, as text with tags removed."""
+    before = request_ids()
+    client.get(url, **extra)  # type: ignore[arg-type]
+    (request_id,) = request_ids() - before
+    answer = client.get(
+        "/__debug__/render_panel/", {"request_id": request_id, "panel_id": "KissmetricsPanel"}
+    )
+    assert answer.status_code == 200
+    content: str = answer.json()["content"]
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", content)).split())
+
+
+def test_anonymous_visitor(client: Client) -> None:
+    shown = panel_after(client, "/shop/")
+    anonymous = unquote(client.cookies["km_ai"].value)
+    assert f"record {anonymous} Viewed Shop plan = pro seats = 3" in shown, shown
+    assert "deferred to the response" in shown
+    assert re.search(r"seats = 3 \d{10} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", shown)
+    assert "emitted on this page " in shown
+    assert '["record","Saw Banner",{"banner":"spring","n":1}]' in shown
+    assert f"Current person {anonymous} Worked out from a new anonymous id" in shown
+    assert "This visitor tracked" in shown
+    assert "DNT: absent, Sec-GPC: absent" in shown
+    assert "Excluded path no Bot no Consent no consent gate" in shown
+    # The next page: the same person, now from the browser's cookie.
+    assert "Worked out from km_ai from the browser" in panel_after(client, "/shop/")
+
+
+def test_logged_in_visitor(client: Client) -> None:
+    user = User.objects.create_user("ann", password="pw")
+    client.force_login(user)
+    shown = panel_after(client, "/shop/")
+    assert f"record {user.pk} Viewed Shop" in shown
+    assert f'["identify","{user.pk}"]' in shown
+    assert f"Current person {user.pk} Worked out from the logged-in user, through IDENTITY" in shown
+
+
+def test_identify_in_the_request_and_later_in_the_session(client: Client) -> None:
+    shown = panel_after(client, "/browser/vector/?v=%22ann%40shop.test%22")
+    assert "Worked out from km.identify() in this request" in shown
+    assert "alias of ann@shop.test" in shown
+    shown = panel_after(client, "/shop/")
+    assert "Current person ann@shop.test Worked out from km.identify() earlier in this session" in (
+        shown
+    )
+
+
+def test_redirect_carrying_browser_commands(client: Client) -> None:
+    shown = panel_after(client, "/js/")
+    assert "kept in the session for the next page that renders {% kissmetrics_js %}" in shown
+    assert '["record","Clicked Buy",{"plan":"pro","amount":49}]' in shown
+    # The page after the redirect emits them.
+    shown = panel_after(client, "/shop/")
+    assert "emitted on this page" in shown
+    assert '["record","Clicked Buy",{"plan":"pro","amount":49}]' in shown
+    assert '["record","Saw Banner"' in shown
+
+
+@pytest.mark.django_db(transaction=True)
+def test_committed_and_rolled_back(client: Client) -> None:
+    shown = panel_after(client, "/orders/")
+    assert "Order Saved" in shown
+    assert "deferred to the response (after a commit)" in shown
+    assert "Order Failed" in shown
+    assert "not sent: its transaction rolled back" in shown
+
+
+def test_waiting_on_a_commit_and_sent_after_the_response(client: Client) -> None:
+    # The whole request inside a transaction (as a middleware opening one would):
+    # the event waits for it.
+    with transaction.atomic():
+        shown = panel_after(client, "/shop/")
+    assert "Viewed Shop" in shown
+    assert "waiting on a transaction commit" in shown
+    # Recorded by a middleware outside KissmetricsMiddleware, after the response left.
+    shown = panel_after(client, "/shop/?late=1")
+    assert re.search(r"Late Event .* sent", shown)
+
+
+@pytest.mark.parametrize(
+    ("extra", "state"),
+    [
+        ({"HTTP_DNT": "1"}, "DNT: 1, Sec-GPC: absent (opted out: HONOR_DNT is on)"),
+        ({"HTTP_SEC_GPC": "1"}, "DNT: absent, Sec-GPC: 1 (opted out: HONOR_DNT is on)"),
+        ({"HTTP_USER_AGENT": "Googlebot/2.1"}, "Bot yes"),
+    ],
+)
+def test_visitors_who_are_not_tracked(client: Client, extra: dict[str, str], state: str) -> None:
+    shown = panel_after(client, "/shop/", **extra)
+    assert "This visitor not tracked" in shown
+    assert state in shown
+    assert "Server commands None." in shown
+    assert "Current person none Worked out from not tracked" in shown
+
+
+def test_excluded_path(client: Client) -> None:
+    shown = panel_after(client, "/admin/thing/")
+    assert "Excluded path yes: starts with /admin/ (EXCLUDE_PATHS)" in shown
+
+
+def test_without_the_toolbar_nothing_loads_it() -> None:
+    # A site without the toolbar in its settings serves pages without importing it.
+    code = (
+        "import sys, django; django.setup();"
+        "from django.test import Client;"
+        "from django.test.utils import setup_test_environment; setup_test_environment();"
+        "from django.core.management import call_command;"
+        "call_command('migrate', verbosity=0);"
+        "assert Client().get('/').status_code == 200;"
+        "assert 'debug_toolbar' not in sys.modules, 'toolbar imported';"
+        "assert 'django_kissmetrics.panels' not in sys.modules, 'panel imported'"
+    )
+    env = {"DJANGO_SETTINGS_MODULE": "tests.settings", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT_DIR, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
