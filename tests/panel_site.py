@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import render
 
@@ -63,17 +62,4 @@ def shop(request: HttpRequest) -> HttpResponse:
     """A page with a server event, a browser event and the tag."""
     km.record("Viewed Shop", {"plan": "pro", "seats": 3})
     km.js.record("Saw Banner", {"banner": "spring", "n": 1})
-    return render(request, "page.html")
-
-
-def orders(request: HttpRequest) -> HttpResponse:
-    """One event committed with its transaction, one rolled back with it."""
-    with transaction.atomic():
-        km.record("Order Saved")
-    try:
-        with transaction.atomic():
-            km.record("Order Failed")
-            raise RuntimeError
-    except RuntimeError:
-        pass
     return render(request, "page.html")

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from django.urls import include, path
 
-from tests.panel_site import orders, shop
+from tests.panel_site import shop
 from tests.urls import urlpatterns as site_urls
 
 urlpatterns = [
     path("shop/", shop),
-    path("orders/", orders),
     path("__debug__/", include("debug_toolbar.urls")),
     *site_urls,
 ]

@@ -40,8 +40,12 @@ def request_ids() -> set[str]:
     return set(get_store().request_ids())
 
 
-def panel_after(client: Client, url: str, **extra: str) -> str:
-    """GET ``url``; return the panel's HTML for that request, as text with tags removed."""
+def text(markup: str) -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", markup)).split())
+
+
+def panel_html(client: Client, url: str, **extra: str) -> str:
+    """GET ``url``; return the panel's HTML for that request, from the toolbar's own view."""
     before = request_ids()
     client.get(url, **extra)  # type: ignore[arg-type]
     (request_id,) = request_ids() - before
@@ -50,7 +54,25 @@ def panel_after(client: Client, url: str, **extra: str) -> str:
     )
     assert answer.status_code == 200
     content: str = answer.json()["content"]
-    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", content)).split())
+    return content
+
+
+def panel_after(client: Client, url: str, **extra: str) -> str:
+    """The panel for ``url``, as text with the tags removed."""
+    return text(panel_html(client, url, **extra))
+
+
+def commands(client: Client, url: str) -> dict[str, list[str]]:
+    """The server commands table for ``url``: event (or kind) -> the row's cells as text."""
+    table = re.search(
+        r'class="djdt-kissmetrics-commands".*?<tbody>(.*?)</tbody>', panel_html(client, url), re.S
+    )
+    assert table is not None
+    rows = [
+        [text(cell) for cell in re.findall(r"<td>(.*?)</td>", row, re.S)]
+        for row in re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S)
+    ]
+    return {row[2] or row[0]: row for row in rows}
 
 
 def test_anonymous_visitor(client: Client) -> None:
@@ -101,23 +123,22 @@ def test_redirect_carrying_browser_commands(client: Client) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_committed_and_rolled_back(client: Client) -> None:
-    shown = panel_after(client, "/orders/")
-    assert "Order Saved" in shown
-    assert "deferred to the response (after a commit)" in shown
-    assert "Order Failed" in shown
-    assert "not sent: its transaction rolled back" in shown
+    rows = commands(client, "/atomic/")
+    assert rows["Before"][5] == "deferred to the response"
+    assert rows["Committed"][5] == "deferred to the response (after a commit)"
+    assert rows["Rolled Back"][5] == "not sent: its transaction rolled back"
 
 
 def test_waiting_on_a_commit_and_sent_after_the_response(client: Client) -> None:
     # The whole request inside a transaction (as a middleware opening one would):
     # the event waits for it.
     with transaction.atomic():
-        shown = panel_after(client, "/shop/")
-    assert "Viewed Shop" in shown
-    assert "waiting on a transaction commit" in shown
+        rows = commands(client, "/shop/")
+    assert rows["Viewed Shop"][5] == "waiting on a transaction commit"
     # Recorded by a middleware outside KissmetricsMiddleware, after the response left.
-    shown = panel_after(client, "/shop/?late=1")
-    assert re.search(r"Late Event .* sent", shown)
+    rows = commands(client, "/shop/?late=1")
+    assert rows["Viewed Shop"][5] == "deferred to the response"
+    assert rows["Late Event"][5] == "sent"
 
 
 @pytest.mark.parametrize(
