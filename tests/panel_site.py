@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseRedirect
 from django.shortcuts import render
 
 from django_kissmetrics import km
@@ -63,3 +63,9 @@ def shop(request: HttpRequest) -> HttpResponse:
     km.record("Viewed Shop", {"plan": "pro", "seats": 3})
     km.js.record("Saw Banner", {"banner": "spring", "n": 1})
     return render(request, "page.html")
+
+
+def buy(request: HttpRequest) -> HttpResponse:
+    """A browser event, then a redirect to the shop, whose page emits it."""
+    km.js.record("Clicked Buy", {"plan": "pro"})
+    return HttpResponseRedirect("/shop/")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from django.urls import include, path
 
-from tests.panel_site import shop
+from tests.panel_site import buy, shop
 from tests.urls import urlpatterns as site_urls
 
 urlpatterns = [
     path("shop/", shop),
+    path("buy/", buy),
     path("__debug__/", include("debug_toolbar.urls")),
     *site_urls,
 ]

@@ -7,19 +7,25 @@ toolbar's own ``render_panel`` view for the panel, as the toolbar's JavaScript d
 from __future__ import annotations
 
 import html
+import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
 from django.db import transaction
 from django.test import Client, override_settings
 
+from tests.browser import LIBRARY_URLS, browser
 from tests.panel_site import TOOLBAR_SETTINGS
+
+__all__ = ["browser"]  # A fixture, used by name.
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
@@ -48,6 +54,11 @@ def panel_html(client: Client, url: str, **extra: str) -> str:
     """GET ``url``; return the panel's HTML for that request, from the toolbar's own view."""
     before = request_ids()
     client.get(url, **extra)  # type: ignore[arg-type]
+    return render_panel(client, before)
+
+
+def render_panel(client: Client, before: set[str]) -> str:
+    """The panel of the one toolbar request made since ``before``, as the toolbar's JS asks."""
     (request_id,) = request_ids() - before
     answer = client.get(
         "/__debug__/render_panel/", {"request_id": request_id, "panel_id": "KissmetricsPanel"}
@@ -78,9 +89,9 @@ def commands(client: Client, url: str) -> dict[str, list[str]]:
 def test_anonymous_visitor(client: Client) -> None:
     shown = panel_after(client, "/shop/")
     anonymous = unquote(client.cookies["km_ai"].value)
-    assert f"record {anonymous} Viewed Shop plan = pro seats = 3" in shown, shown
+    assert f"record {anonymous} Viewed Shop plan=pro seats=3" in shown, shown
     assert "deferred to the response" in shown
-    assert re.search(r"seats = 3 \d{10} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", shown)
+    assert re.search(r"seats=3 \d{10} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", shown)
     assert "emitted on this page " in shown
     assert '["record","Saw Banner",{"banner":"spring","n":1}]' in shown
     assert f"Current person {anonymous} Worked out from a new anonymous id" in shown
@@ -179,3 +190,57 @@ def test_without_the_toolbar_nothing_loads_it() -> None:
         [sys.executable, "-c", code], cwd=ROOT_DIR, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def toolbar_site(django_db_setup: None) -> Iterator[Any]:
+    """A live server with the toolbar in front, its static files served."""
+    from pytest_django.live_server_helper import LiveServer
+
+    with override_settings(**TOOLBAR_SETTINGS):
+        server = LiveServer("localhost")
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_the_panel_in_chromium(browser: Any, toolbar_site: Any) -> None:
+    """The toolbar as a developer sees it: open the panel on the page after a redirect.
+
+    ``KM_PANEL_SCREENSHOT=docs/panel.png`` saves what Chromium shows.
+    """
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    # The Kissmetrics library is not needed here; nothing leaves the machine.
+    for pattern in LIBRARY_URLS:
+        page.route(pattern, lambda route: route.fulfill(status=200, body=""))
+    try:
+        # A browser command, then a redirect to /shop/, which emits it.
+        page.goto(f"{toolbar_site.url}/buy/")
+        page.click("#djdt-KissmetricsPanel a")
+        content = page.locator("#KissmetricsPanel")
+        content.get_by_text("Viewed Shop").wait_for()
+        shown = content.inner_text()
+        assert "deferred to the response" in shown
+        assert '["record","Clicked Buy",{"plan":"pro"}]' in shown
+        assert '["record","Saw Banner",{"banner":"spring","n":1}]' in shown
+        assert "km_ai from the browser" in shown
+        assert "plan=pro" in shown
+        target = os.environ.get("KM_PANEL_SCREENSHOT")
+        if target:
+            page.screenshot(path=target)
+    finally:
+        context.close()
+
+
+def test_under_asgi(async_client: Any, client: Client) -> None:
+    # The panel runs for ASGI requests too (is_async): the async test client's request.
+    before = request_ids()
+    async_to_sync(async_client.get)("/async-record/")
+    shown = text(render_panel(client, before))
+    assert "Async Event n=1" in shown
+    assert "deferred to the response" in shown
