@@ -11,7 +11,7 @@ import datetime as dt
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -242,3 +242,42 @@ def test_progress_bar_on_a_terminal_only(km_outbox: list[Command]) -> None:
     # --quiet on a terminal, or no terminal: nothing on stderr.
     assert on_a_terminal("signups", "--quiet") == ""
     assert backfill("signups")[1] == ""
+
+
+class InterruptedBackend(CountingBackend):
+    """Ctrl-C while the second chunk is being handed over."""
+
+    def send(self, commands: Sequence[Command]) -> None:
+        if len(self.calls) == 1:
+            raise KeyboardInterrupt
+        super().send(commands)
+
+
+def test_an_interrupted_run_says_where_to_resume(km_settings: Callable[..., None]) -> None:
+    km_settings(BACKEND="tests.test_backfill.InterruptedBackend")
+    CountingBackend.calls.clear()
+    users = make_users(5)
+    with pytest.raises(CommandError, match=f"resume with --after-pk {users[1].pk}"):
+        backfill("signups", "--chunk-size=2")
+    assert [c.person for c in CountingBackend.calls[0]] == [str(u.pk) for u in users[:2]]
+    km_settings(BACKEND="tests.backends.CountingBackend")
+    CountingBackend.calls.clear()
+    backfill("signups", "--chunk-size=2", f"--after-pk={users[1].pk}")
+    assert [c.person for call in CountingBackend.calls for c in call] == [
+        str(u.pk) for u in users[2:]
+    ]
+
+
+def test_filter_on_a_related_field(km_outbox: list[Command]) -> None:
+    ann, bob = make_users(2)
+    User.objects.filter(pk=bob.pk).update(is_active=False)
+    for user in (ann, bob):
+        Order.objects.create(user=user, placed_at=JAN)
+    backfill(
+        "--model=tests.Order",
+        "--event=Placed Order",
+        "--time-field=placed_at",
+        "--identity-field=user",
+        "--filter=user__is_active=True",
+    )
+    assert [c.person for c in km_outbox] == [str(ann.pk)]
