@@ -11,8 +11,11 @@ import datetime as dt
 import io
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,9 +25,12 @@ from django.core.management import CommandError, call_command
 from django_kissmetrics.commands import Command
 from django_kissmetrics.testing import Hit, StandInTracker
 from tests.backends import CountingBackend
+from tests.conftest import free_port
 from tests.models import Order, Subscription
 
 pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parent.parent
 
 UTC = dt.timezone.utc
 JAN = dt.datetime(2021, 1, 4, 9, 30, tzinfo=UTC)
@@ -281,3 +287,49 @@ def test_filter_on_a_related_field(km_outbox: list[Command]) -> None:
         "--filter=user__is_active=True",
     )
     assert [c.person for c in km_outbox] == [str(ann.pk)]
+
+
+def test_a_separate_process_publishes_everything_before_it_exits(
+    via_worker: StandInTracker, tmp_path: Path, redis_url: str
+) -> None:
+    # The publisher is a daemon thread of the command's process: what it still held
+    # when the process exited would be lost. 1,200 users, chunks of 500: three messages.
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.backfill_settings",
+        "KM_BACKFILL_DB": str(tmp_path / "site.sqlite3"),
+        "KM_TEST_REDIS_URL": redis_url,
+    }
+    create = (
+        "import datetime as dt; from django.contrib.auth.models import User;"
+        "t = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc);"
+        "User.objects.bulk_create(User(username=f'u{i}', password='!',"
+        " date_joined=t + dt.timedelta(hours=i)) for i in range(1200))"
+    )
+
+    def manage(*args: str, status: int = 0, **more: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "django", *args],
+            cwd=ROOT,
+            env={**env, **more},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == status, done.stderr
+        return done
+
+    manage("migrate", "--run-syncdb", "-v", "0")
+    manage("shell", "-c", create)
+    out = manage("kissmetrics_backfill", "signups").stdout
+    assert "1200 rows read, 1200 commands sent in 3 deliveries" in out
+    hits = via_worker.wait_for(1200, timeout=60)
+    assert len(hits) == 1200
+    start = int(dt.datetime(2020, 1, 1, tzinfo=UTC).timestamp())
+    assert sorted(int(h.params["_t"]) for h in hits) == [start + 3600 * i for i in range(1200)]
+    assert {h.params["_d"] for h in hits} == {"1"}
+    # With the broker unreachable, every lost command is logged and the run fails.
+    broker_down = f"redis://127.0.0.1:{free_port()}/0"
+    done = manage("kissmetrics_backfill", "signups", status=1, KM_TEST_REDIS_URL=broker_down)
+    assert "1200 commands could not be queued (see the ERROR log)" in done.stderr
+    assert done.stderr.count("not delivered (could not queue)") == 3
