@@ -104,7 +104,7 @@ class Summary:
         skipped = self.no_time + self.no_identity + self.invalid
         text = (
             f"{self.read} rows read, {self.sent} commands {verb}"
-            + ("" if self.dry_run else f" in {self.deliveries} deliveries")
+            + ("" if self.dry_run else f" in {_plural(self.deliveries, 'delivery', 'deliveries')}")
             + f", {skipped} rows skipped ({self.no_time} without a time, "
             f"{self.no_identity} without an identity, {self.invalid} invalid)"
             + f" in {self.seconds:.1f} s; last pk: {self.last_pk}."
@@ -114,6 +114,10 @@ class Summary:
         if self.interrupted and self.last_pk is not None:
             text += f" Interrupted: resume with --after-pk {self.last_pk}."
         return text
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
 
 
 def parse_when(value: str, option: str) -> dt.datetime | dt.date:
@@ -357,7 +361,8 @@ def run(
     sender = Tracker()
     try:
         for rows in _chunks(plan.queryset.iterator(chunk_size=chunk_size), chunk_size):
-            batch = [c for c in map(lambda row: _command(plan, row, summary), rows) if c]
+            made = (_command(plan, row, summary) for row in rows)
+            batch = [command for command in made if command is not None]
             summary.read += len(rows)
             if dry_run:
                 for command in batch:

@@ -114,7 +114,7 @@ def test_model_rows_through_identity_with_properties_and_filter(
     assert {h.name for h in hits} == {"Placed Order"}
     assert all(h.params["_d"] == "1" for h in hits)
     assert all(h.properties == {"Total": "49.50", "Plan": "pro"} for h in hits)
-    assert "5 rows read, 3 commands sent in 1 deliveries, 2 rows skipped" in out
+    assert "5 rows read, 3 commands sent in 1 delivery, 2 rows skipped" in out
     assert "1 without a time, 1 without an identity" in out
 
 
