@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import FieldDoesNotExist, FieldError, ValidationError
 from django.core.management.base import CommandError
 from django.db import models
+from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from . import commands as cmd
@@ -66,8 +68,10 @@ class Plan:
         if when is None:
             return None
         if not isinstance(when, dt.datetime):
-            # A date: the start of that day, in UTC.
-            when = dt.datetime.combine(when, dt.time(), tzinfo=dt.timezone.utc)
+            when = dt.datetime.combine(when, dt.time())  # A date: the start of that day.
+        if when.tzinfo is None:
+            # A naive time (a date, or USE_TZ = False) is in TIME_ZONE, as Django stores it.
+            when = timezone.make_aware(when, timezone.get_default_timezone())
         person = self.identity(row)
         if person is None:
             raise _NoIdentity
@@ -123,7 +127,7 @@ def _plural(count: int, one: str, many: str) -> str:
 def parse_when(value: str, option: str) -> dt.datetime | dt.date:
     """A ``--since``/``--until`` value: ``YYYY-MM-DD`` or an ISO 8601 date and time.
 
-    A time without an offset is UTC, as every time this package sends.
+    A time without an offset is in ``TIME_ZONE``, as Django reads one in a query.
     """
     try:
         moment = parse_datetime(value)
@@ -131,13 +135,27 @@ def parse_when(value: str, option: str) -> dt.datetime | dt.date:
     except ValueError:
         moment = day = None
     if moment is not None:
-        return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+        return moment
     if day is not None:
         return day
     raise CommandError(
         f"{option} {value!r} is not a date (YYYY-MM-DD) or a date and time "
         "(YYYY-MM-DDTHH:MM[:SS][+HH:MM])"
     )
+
+
+def _bound(moment: dt.datetime | dt.date, field: models.DateField[Any, Any]) -> Any:
+    """``--since``/``--until`` in the form ``field`` compares with."""
+    if not isinstance(field, models.DateTimeField):
+        return moment.date() if isinstance(moment, dt.datetime) else moment
+    if not isinstance(moment, dt.datetime):
+        moment = dt.datetime.combine(moment, dt.time())
+    zone = timezone.get_default_timezone()
+    if settings.USE_TZ and timezone.is_naive(moment):
+        return timezone.make_aware(moment, zone)
+    if not settings.USE_TZ and timezone.is_aware(moment):
+        return timezone.make_naive(moment, zone)
+    return moment
 
 
 def _model(label: str) -> type[models.Model]:
@@ -244,12 +262,7 @@ def model_plan(
     lookups: dict[str, Any] = dict(_pairs(filters, "--filter"))
     for option, value, lookup in (("--since", since, "gte"), ("--until", until, "lt")):
         if value is not None:
-            moment = parse_when(value, option)
-            if isinstance(when, models.DateTimeField) and not isinstance(moment, dt.datetime):
-                moment = dt.datetime.combine(moment, dt.time(), tzinfo=dt.timezone.utc)
-            elif not isinstance(when, models.DateTimeField) and isinstance(moment, dt.datetime):
-                moment = moment.date()
-            lookups[f"{when.name}__{lookup}"] = moment
+            lookups[f"{when.name}__{lookup}"] = _bound(parse_when(value, option), when)
     if after_pk is not None:
         try:
             lookups["pk__gt"] = model._meta.pk.to_python(after_pk)

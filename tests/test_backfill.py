@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
+from django.test import override_settings
+from django.utils import timezone
 
 from django_kissmetrics.commands import Command
 from django_kissmetrics.testing import Hit, StandInTracker
@@ -132,8 +134,8 @@ def test_set_sets_person_properties_at_the_rows_date(via_worker: StandInTracker)
     assert hits["ann@shop.test"].path == "/s"
     assert hits["ann@shop.test"].properties == {"Plan": "pro"}
     assert hits["bob@shop.test"].properties == {"Plan": "team"}
-    # A date is the start of that day, in UTC.
-    midnight = dt.datetime(2022, 5, 9, tzinfo=UTC)
+    # A date is the start of that day, in TIME_ZONE.
+    midnight = dt.datetime(2022, 5, 9, tzinfo=timezone.get_default_timezone())
     assert hits["bob@shop.test"].params["_t"] == str(int(midnight.timestamp()))
     assert hits["bob@shop.test"].params["_d"] == "1"
 
@@ -177,9 +179,30 @@ def test_one_delivery_per_chunk(km_settings: Callable[..., None]) -> None:
 
 
 def test_since_and_until(km_outbox: list[Command]) -> None:
-    users = make_users(5)  # Joined on 4, 5, 6, 7 and 8 January 2021.
+    users = make_users(5)  # Joined on 4, 5, 6, 7 and 8 January 2021, at 09:30 UTC.
     backfill("signups", "--since=2021-01-05", "--until=2021-01-07T12:00:00+02:00")
     assert [c.person for c in km_outbox] == [str(u.pk) for u in users[1:4]]
+    km_outbox.clear()
+    # Without an offset, in TIME_ZONE: 09:30 UTC is 10:30 in Paris.
+    with override_settings(TIME_ZONE="Europe/Paris"):
+        backfill("signups", "--since=2021-01-04T10:30:00", "--until=2021-01-05T10:30:01")
+    assert [c.person for c in km_outbox] == [str(users[0].pk)]
+
+
+@override_settings(USE_TZ=False, TIME_ZONE="Europe/Paris")
+def test_naive_times_are_in_time_zone(km_outbox: list[Command]) -> None:
+    # Without USE_TZ, Django keeps local times in TIME_ZONE: 10:30 in Paris is 09:30 UTC.
+    user = User.objects.create_user("naive")
+    Order.objects.create(placed_at=dt.datetime(2021, 1, 4, 10, 30), user=user)
+    backfill(
+        "--model=tests.Order",
+        "--event=Placed Order",
+        "--time-field=placed_at",
+        "--identity-field=user",
+        "--since=2021-01-04T10:30",
+    )
+    (command,) = km_outbox
+    assert command.timestamp == int(JAN.timestamp())
 
 
 @pytest.mark.parametrize(
