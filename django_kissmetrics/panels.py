@@ -110,7 +110,8 @@ class _ObservedTransaction:
 
             def committed() -> None:
                 entry["after_commit"] = True
-                entry["state"] = SENT  # Until close() says it joined the response's.
+                # Committed: _add() sends it now, or buffers it and close() says so.
+                entry["state"] = SENT
                 add()
 
             recording.waiting.append((entry, committed, using or DEFAULT_DB_ALIAS))
@@ -169,7 +170,8 @@ def _install() -> None:
 
 def _still_waiting(callback: Callable[[], None], alias: str) -> bool:
     # Django keeps a transaction's callbacks as (savepoint ids, callback, robust) until
-    # it commits; a rollback drops them.
+    # it commits; a rollback drops them. Not public API: tests/test_panel.py's commit
+    # tests fail the day it changes.
     pending = getattr(connections[alias], "run_on_commit", [])
     return any(item[1] is callback for item in pending)
 
