@@ -79,6 +79,7 @@ class CurrentPerson:
     request: HttpRequest
     active: bool
     anonymous_id: str | None
+    new_anonymous_id: bool
     _identity: str | None = None
     _user_identity: tuple[Any, str | None] | None = None
 
@@ -107,6 +108,26 @@ class CurrentPerson:
             if isinstance(named, str) and named:
                 return cmd._identity(named)
         return self.anonymous_id
+
+    def identity_source(self) -> str | None:
+        """How :attr:`identity` was worked out, for tools that show it (the toolbar panel).
+
+        ``"identify"`` (``km.identify()`` in this request), ``"user"`` (the logged-in
+        user, through ``IDENTITY``), ``"session"`` (``km.identify()`` earlier in the
+        session), ``"cookie"`` (``km_ai`` from the browser), ``"new"`` (a new anonymous
+        id, set on this response), or ``None`` (not tracked).
+        """
+        person = self.identity
+        if person is None:
+            return None
+        if self._identity is not None:
+            return "identify"
+        if person != self.anonymous_id:
+            cached = self._user_identity
+            user = getattr(self.request, "user", None)
+            by_user = cached is not None and cached[0] is user and cached[1] == person
+            return "user" if by_user else "session"
+        return "new" if self.new_anonymous_id else "cookie"
 
     @staticmethod
     def _named_identity(user: Any) -> str | None:
