@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
 from django.conf import settings
@@ -11,7 +11,10 @@ from django.utils.module_loading import import_string
 
 from .conf import ConfigurationError, get_settings
 
-__all__ = ["check_settings"]
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["check_settings", "loaded_celery_app"]
 
 MIDDLEWARE = "django_kissmetrics.middleware.KissmetricsMiddleware"
 AFTER = (
@@ -20,17 +23,29 @@ AFTER = (
 )
 
 
+def loaded_celery_app() -> Celery | None:
+    """The site's Celery app, or ``None`` when only Celery's fallback app exists (W003).
+
+    Raises ``ImportError`` without Celery.
+    """
+    from celery import _state
+
+    app = _state.get_current_app()
+    if app is getattr(_state, "default_app", None) and app.main == "default":
+        return None
+    return app
+
+
 def _celery_problem() -> CheckMessage | None:
     try:
-        from celery import _state
+        app = loaded_celery_app()
     except ImportError:
         return Error(
             'KISSMETRICS["BACKEND"] is "celery" but Celery is not installed.',
             hint='pip install "django-kissmetrics-sdk[celery]", or use the "sync" backend.',
             id="django_kissmetrics.E003",
         )
-    app = _state.get_current_app()
-    if app is getattr(_state, "default_app", None) and app.main == "default":
+    if app is None:
         return Warning(
             'KISSMETRICS["BACKEND"] is "celery" but no Celery app is loaded, so events are '
             "queued by Celery's fallback app, which reads none of your CELERY_ settings.",

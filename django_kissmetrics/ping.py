@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .checks import loaded_celery_app
 from .client import KissmetricsClient
 from .commands import Command, make_record
 from .conf import ConfigurationError, Settings, get_settings
@@ -98,19 +99,18 @@ def _tracker_answer(
 
 def _through_celery(conf: Settings, command: Command, deadline: float, report: Report) -> None:
     try:
-        from celery import _state
+        app = loaded_celery_app()
     except ImportError:
         raise PingFailed(
             "celery", 'BACKEND is "celery" but Celery is not installed (check E003)'
         ) from None
+    if app is None:
+        raise PingFailed("celery", "no Celery app is loaded (see check W003)")
     from kombu import Exchange, Queue
     from kombu.utils.url import maybe_sanitize_url
 
     from .tasks import ping
 
-    app = _state.get_current_app()
-    if app is getattr(_state, "default_app", None) and app.main == "default":
-        raise PingFailed("celery", "no Celery app is loaded (see check W003)")
     if app.conf.task_always_eager:
         report("celery", "CELERY_TASK_ALWAYS_EAGER: tasks run in this process, no broker")
         _direct(conf, command, deadline, report)
