@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
@@ -53,7 +54,12 @@ ACCOUNT_EMAIL_VERIFICATION = "none"
 ACCOUNT_LOGIN_METHODS = {"username"}
 ACCOUNT_SIGNUP_FIELDS = ["username*", "password1*", "password2*"]
 
-KISSMETRICS = {"API_KEY": "test-key", "BACKEND": "locmem"}
+# A spool of each test process's own, so that test runs never replay each other's commands.
+KISSMETRICS = {
+    "API_KEY": "test-key",
+    "BACKEND": "locmem",
+    "SPOOL_DIR": tempfile.mkdtemp(prefix="km-test-spool-"),
+}
 
 REDIS_URL = os.environ.get("KM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CELERY_BROKER_URL = REDIS_URL
