@@ -22,13 +22,21 @@ from .conf import get_settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Publisher", "flush", "get_publisher", "publish", "publish_inline", "stop_signalled"]
+__all__ = [
+    "Publisher",
+    "flush",
+    "get_publisher",
+    "publish",
+    "publish_inline",
+    "stop_signalled",
+    "try_publish",
+]
 
 #: The most commands one Celery message carries.
 MAX_BATCH = 500
 
 
-def _queue(commands: Sequence[Command]) -> BaseException | None:
+def try_publish(commands: Sequence[Command]) -> BaseException | None:
     """Publish one Celery message; return the broker's error, or None once it is queued."""
     from celery.result import EagerResult
 
@@ -94,7 +102,7 @@ def publish(commands: Sequence[Command]) -> bool:
 
     Never raises: this runs where nobody could handle an error. True when queued.
     """
-    exc = _queue(commands)
+    exc = try_publish(commands)
     if exc is None:
         return True
     _unqueued(commands, exc)
@@ -108,7 +116,7 @@ def publish_inline(commands: Sequence[Command]) -> None:
     publisher thread, which spools it (or delivers or logs it, as ``ON_ENQUEUE_FAILURE``
     says). Once a stop was signalled the caller deals with it itself.
     """
-    exc = _queue(commands)
+    exc = try_publish(commands)
     if exc is None:
         return
     if _stop_signalled or get_settings().ON_ENQUEUE_FAILURE == "log":
@@ -247,7 +255,7 @@ class Publisher:
             return
         try:
             with self._publishing:
-                sent, error = replay(spool, _queue)
+                sent, error = replay(spool, try_publish)
             due = spool.next_due()
         except SpoolError as exc:
             logger.error("Kissmetrics: could not replay the spool: %s", exc)
