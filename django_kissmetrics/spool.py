@@ -382,6 +382,8 @@ def keep(
         return False
     if not kept:
         give_up(fresh, error, f"{reason}; the spool is full (SPOOL_MAX_BYTES)")
+    else:
+        logger.warning("Kissmetrics: spooled %d command(s) (%s): %s", len(fresh), reason, error)
     return kept
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from celery import Celery
 from django.test import override_settings
 
 from django_kissmetrics.testing import StandInTracker
@@ -157,3 +158,22 @@ def celery_worker(celery_app: Any) -> Iterator[Any]:
         finally:
             root.handlers[:] = handlers
             root.setLevel(level)
+
+
+@pytest.fixture
+def own_broker(celery_app: Celery) -> Iterator[RedisServer]:
+    """A Redis this test can stop, and a Celery app in this process that publishes to it."""
+    server = RedisServer()
+    server.start()
+    app = Celery("broker-outage")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.update(broker_url=server.url)
+    # The publisher thread finds the task through the default app.
+    app.set_default()
+    app.set_current()
+    try:
+        yield server
+    finally:
+        server.stop()
+        celery_app.set_default()
+        celery_app.set_current()

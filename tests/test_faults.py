@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
-from celery import Celery
 from celery.signals import task_postrun, task_prerun, task_retry
 from django.test import Client
 
@@ -322,7 +321,9 @@ def test_retries_exhausted_signal_and_error_log_once(
     failed: list[list[Command]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    km_settings(BACKEND="celery", TRACKING_URL=via_celery.url, **{**FAST_RETRIES, "MAX_RETRIES": 2})
+    # "log": no spool, as before it existed (test_spool covers the spool's side).
+    config = {**FAST_RETRIES, "MAX_RETRIES": 2, "ON_ENQUEUE_FAILURE": "log"}
+    km_settings(BACKEND="celery", TRACKING_URL=via_celery.url, **config)
     via_celery.fail(1000, 503)
     with caplog.at_level(logging.ERROR, logger="django_kissmetrics"):
         sent = record_many(3, "Doomed")
@@ -462,25 +463,6 @@ def test_pool_process_killed_mid_batch(
 # The broker goes away while the site serves requests.
 
 
-@pytest.fixture
-def own_broker(celery_app: Celery) -> Iterator[RedisServer]:
-    """A Redis this test can stop, and a Celery app in this process that publishes to it."""
-    server = RedisServer()
-    server.start()
-    app = Celery("broker-outage")
-    app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.conf.update(broker_url=server.url)
-    # The publisher thread finds the task through the default app.
-    app.set_default()
-    app.set_current()
-    try:
-        yield server
-    finally:
-        server.stop()
-        celery_app.set_default()
-        celery_app.set_current()
-
-
 @pytest.mark.django_db
 @pytest.mark.parametrize("on_failure", ["log", "sync"])
 def test_broker_down_while_serving_requests(
@@ -553,7 +535,12 @@ def test_broker_down_while_serving_requests(
 def test_broker_lost_before_a_retry_logs_the_commands(
     tracker: StandInTracker, km_settings: Callable[..., None], own_broker: RedisServer
 ) -> None:
-    config = {"BACKEND": "celery", "TRACKING_URL": tracker.url, **FAST_RETRIES}
+    config = {
+        "BACKEND": "celery",
+        "TRACKING_URL": tracker.url,
+        "ON_ENQUEUE_FAILURE": "log",  # No spool to keep them in.
+        **FAST_RETRIES,
+    }
     km_settings(**config)
     with WorkerProcess(own_broker.url, config) as worker:
         tracker.delay = 1.0  # The 503 comes after the broker has gone.
