@@ -32,7 +32,7 @@ from django_kissmetrics.commands import Command, make_record
 from django_kissmetrics.signals import delivery_failed
 from django_kissmetrics.tasks import deliver
 from django_kissmetrics.testing import Hit, StandInTracker
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, wait_until
 from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -73,14 +73,6 @@ def record_many(count: int, label: str) -> list[Sent]:
             sent.append(Sent(f"{label}-person-{i}", f"{label} {i}", int(before), int(time.time())))
     publisher.flush()
     return sent
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def copies(hits: list[Hit]) -> Counter[tuple[str, str | None]]:

@@ -30,7 +30,7 @@ from django_kissmetrics import km, publisher, spool
 from django_kissmetrics.commands import Command, make_record
 from django_kissmetrics.signals import delivery_failed
 from django_kissmetrics.testing import StandInTracker
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, wait_until
 from tests.servers import ROOT, SiteProcess
 from tests.worker import WorkerProcess
 
@@ -63,14 +63,6 @@ def the_spool() -> spool.Spool:
     found = spool.get_spool()
     assert found is not None
     return found
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def command(n: int, at: int | None = None) -> Command:
