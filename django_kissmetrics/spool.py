@@ -128,7 +128,10 @@ class Spool:
     def _connect(self) -> sqlite3.Connection:
         if self._db is not None and self._pid == os.getpid():
             return self._db
-        # A connection inherited through fork must not be used by the child.
+        if self._db is not None:
+            # A connection inherited through fork must be neither used nor closed by the
+            # child (closing it could checkpoint and remove the parent's WAL): keep it.
+            _inherited.append(self._db)
         self._db, self._pid = None, os.getpid()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         try:
@@ -308,6 +311,18 @@ class Spool:
 _spools: dict[tuple[str, int, float], Spool] = {}
 _spools_lock = threading.Lock()
 _reported: set[str] = set()
+_inherited: list[sqlite3.Connection] = []
+
+
+def _after_fork() -> None:
+    # A lock another thread held at the fork would stay held in the child forever.
+    global _spools_lock
+    _spools_lock = threading.Lock()
+    for spool in _spools.values():
+        spool._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def default_dir() -> str:

@@ -43,7 +43,7 @@ def _command(server: str, port: int, workers: int) -> list[str]:
     if server == "hypercorn":
         return ["hypercorn", "-b", bind, "-w", str(workers), "tests.site.asgi:application"]
     if server == "runserver":
-        return [sys.executable, "-m", "django", "runserver", bind, "--noreload", "--nothreading"]
+        return [sys.executable, "-m", "django", "runserver", bind, "--noreload"]
     raise ValueError(server)
 
 

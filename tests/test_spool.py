@@ -414,3 +414,22 @@ def test_the_command_shows_replays_and_purges(
     assert the_spool().status().count == 0
     with pytest.raises(CommandError, match="invalid age"):
         call_command("kissmetrics_spool", "purge", "--older-than", "soon")
+
+
+def test_a_forked_child_uses_a_connection_of_its_own(spool_dir: Path) -> None:
+    store = the_spool()
+    store.put([command(1)])  # The parent's connection is open across the fork.
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover  (the child)
+        code = 0
+        try:
+            the_spool().put([command(2)])
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.put([command(3)])
+    sent: list[Command] = []
+    assert spool.replay(store, lambda c: sent.extend(c)) == (3, None)
+    assert sorted(c.person for c in sent) == ["person-1", "person-2", "person-3"]
