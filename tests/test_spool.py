@@ -334,6 +334,57 @@ def test_a_tracker_down_longer_than_the_retries_is_delivered_when_it_returns(
     wait_until(lambda: the_spool().status().count == 0, 10, "the spool to empty")
 
 
+@pytest.mark.integration
+def test_sync_delivers_directly_and_spools_what_fails(
+    broker_down: RedisServer,
+    km_settings: Callable[..., None],
+    tracker: StandInTracker,
+    spool_dir: Path,
+    failed: list[Command],
+) -> None:
+    km_settings(
+        BACKEND="celery",
+        TRACKING_URL=tracker.url,
+        SPOOL_DIR=str(spool_dir),
+        ON_ENQUEUE_FAILURE="sync",
+        **FAST,
+    )
+    km.record("Direct", identity="ann")
+    publisher.flush()
+    assert [h.name for h in tracker.hits] == ["Direct"]  # Straight to the tracker.
+    tracker.stop()
+    km.record("Kept", identity="ann")
+    publisher.flush()
+    (entry,) = the_spool().claim()
+    assert [c.name for c in entry.commands] == ["Kept"]
+    assert failed == []
+
+
+@pytest.mark.integration
+def test_a_retry_the_worker_cannot_queue_is_spooled_and_replayed(
+    tracker: StandInTracker, own_broker: RedisServer, tmp_path: Path, failed: list[Command]
+) -> None:
+    config = {"BACKEND": "celery", "TRACKING_URL": tracker.url, "SPOOL_DIR": str(tmp_path), **FAST}
+    store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600)
+    store.put([command(1)])  # Left by an earlier process: the worker replays it as it starts.
+    tracker.delay = 1.0  # The 503 comes after the broker has gone.
+    tracker.fail(1, 503)
+    with WorkerProcess(own_broker.url, config) as worker:
+        wait_until(lambda: " received" in worker.log(), 15, "the worker to take the batch")
+        own_broker.stop()
+        wait_until(lambda: store.status().commands == 1, 15, "the worker to spool it")
+        assert "could not queue a retry" in worker.log()
+        # Celery 5.7's worker may stop by itself once its broker is gone; either way it
+        # ends while the broker is still away, and a new one comes once it is back.
+    tracker.delay = 0.0
+    own_broker.start()
+    with WorkerProcess(own_broker.url, config):
+        wait_until(lambda: bool(tracker.hits), 30, "the replay")
+        time.sleep(0.5)
+    assert [(h.person, h.name) for h in tracker.hits] == [("person-1", "Event 1")]
+    assert store.status().count == 0
+
+
 REPLAYER = """
 import json, os, sys, time
 import django
