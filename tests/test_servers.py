@@ -2,8 +2,8 @@
 
 Real servers in subprocesses (``tests.servers``), the stock ``asgi.py``/``wsgi.py``, a
 real Redis, a real Celery worker and the stand-in tracker. The publisher's window is
-made long (3 s) so that a burst of visitors is still waiting in it when the stop comes:
-only the flush on the stop can get it out.
+made longer than any stop (60 s) so that a burst of visitors is still waiting in it when
+the stop comes: only the flush on the stop can get it out.
 """
 
 from __future__ import annotations
@@ -69,18 +69,14 @@ def broker() -> Any:
 def test_a_graceful_stop_right_after_a_burst_publishes_the_burst(
     server: str, tracker: StandInTracker, broker: RedisServer, tmp_path: Path
 ) -> None:
-    config = site_config(tracker, tmp_path, PUBLISH_WINDOW=3.0)
+    config = site_config(tracker, tmp_path, PUBLISH_WINDOW=60.0)
     with (
         WorkerProcess(broker.url, config),
         SiteProcess(server, config, broker.url, workers=2) as site,
     ):
         sent = burst(site, f"{server} burst")
-        started = time.monotonic()
-        code = site.stop()
-        stopped = time.monotonic() - started
+        code = site.stop()  # Within 30 s, or it raises: half the window.
         seen = wait_for(tracker, sent, 20)
         missing = [e for e in sent if not seen[e]]
         assert not missing, f"{len(missing)} of {BURST} lost; exit {code}:\n{site.log()}"
         assert all(seen[e] == 1 for e in sent), seen
-        # The flush is the publisher's, not the window running out during a slow stop.
-        assert stopped < 3.0, f"{server} took {stopped:.1f} s to stop"
