@@ -28,6 +28,7 @@ __all__ = [
     "get_publisher",
     "publish",
     "publish_inline",
+    "stop",
     "stop_signalled",
     "try_publish",
 ]
@@ -322,6 +323,15 @@ def flush(timeout: float = 5.0) -> None:
     """Publish whatever this process has queued (no-op when nothing was started)."""
     if _publisher is not None:
         _publisher.flush(timeout)
+
+
+def stop(timeout: float = 5.0) -> None:
+    """Flush and end this process's publisher; the next submission starts a fresh one."""
+    global _publisher
+    with _lock:
+        current, _publisher = _publisher, None
+    if current is not None:
+        current.stop(timeout)
 
 
 #: A stop was signalled to this process (see :mod:`django_kissmetrics.shutdown`).

@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS entries (
 )
 """
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 class SpoolError(Exception):
@@ -177,7 +177,7 @@ class Spool:
             aside,
         )
 
-    def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -292,15 +292,15 @@ class Spool:
         return None if row[0] is None else float(row[0])
 
     def purge(self, older_than: float) -> list[Command]:
-        """Remove the entries whose every command is older than ``older_than`` seconds."""
+        """Remove the entries whose every command is ``older_than`` seconds old or more."""
         cutoff = time.time() - older_than
 
         def remove(db: sqlite3.Connection) -> list[Command]:
             with self._transaction(db):
                 rows = db.execute(
-                    "SELECT payload FROM entries WHERE newest < ?", (cutoff,)
+                    "SELECT payload FROM entries WHERE newest <= ?", (cutoff,)
                 ).fetchall()
-                db.execute("DELETE FROM entries WHERE newest < ?", (cutoff,))
+                db.execute("DELETE FROM entries WHERE newest <= ?", (cutoff,))
             return [Command.from_wire(c) for row in rows for c in json.loads(row[0])]
 
         return self._run(remove)

@@ -92,6 +92,16 @@ class RedisServer:
             self.process = None
 
 
+@pytest.fixture(autouse=True)
+def fresh_publisher() -> Iterator[None]:
+    """A publisher of each test's own: one left probing a broker that a test took away
+    would replay the next test's spool."""
+    from django_kissmetrics import publisher
+
+    yield
+    publisher.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A Redis to use as the broker: the one on 6379 if it answers, else one we start."""

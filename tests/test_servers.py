@@ -8,17 +8,24 @@ the stop comes: only the flush on the stop can get it out.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from django_kissmetrics.testing import StandInTracker
 from tests.conftest import RedisServer
-from tests.servers import SERVERS, SiteProcess
+from tests.servers import ROOT, SERVERS, SiteProcess
 from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -80,3 +87,32 @@ def test_a_graceful_stop_right_after_a_burst_publishes_the_burst(
         missing = [e for e in sent if not seen[e]]
         assert not missing, f"{len(missing)} of {BURST} lost; exit {code}:\n{site.log()}"
         assert all(seen[e] == 1 for e in sent), seen
+
+
+PLAIN = """
+import os, signal, django
+django.setup()
+from django_kissmetrics import km
+for n in range(5):
+    km.record(f"Plain {n}", identity="ann")
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_a_plain_process_stopped_by_sigterm_publishes_and_still_dies_by_it(
+    broker: RedisServer, tmp_path: Path
+) -> None:
+    # No server: the default SIGTERM action. The chained handler flushes, then the
+    # process ends by the signal as it would have (a process manager reads the status).
+    config = {"BACKEND": "celery", "SPOOL_DIR": str(tmp_path), "PUBLISH_WINDOW": 60.0}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.site.settings",
+        "KM_TEST_SITE_CONFIG": json.dumps({"kissmetrics": config, "broker_url": broker.url}),
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run([sys.executable, "-c", PLAIN], cwd=ROOT, env=env, timeout=30)
+    assert done.returncode == -signal.SIGTERM
+    (message,) = redis.Redis.from_url(broker.url).lrange("celery", 0, -1)
+    body = json.loads(base64.b64decode(json.loads(message)["body"]))
+    assert [c[2] for c in body[0][0]] == [f"Plain {n}" for n in range(5)]
