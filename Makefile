@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/request.py
 	$(BIN)/python benchmarks/soak.py
 	$(BIN)/python benchmarks/backfill.py
+	$(BIN)/python benchmarks/outage.py
 
 worker: setup
 	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/celery -A demo worker -l info

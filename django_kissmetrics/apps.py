@@ -15,21 +15,35 @@ class KissmetricsConfig(AppConfig):
     verbose_name = "Kissmetrics"
 
     def ready(self) -> None:
-        """Connect the signal handlers and checks; flush the publisher at worker shutdown."""
-        from . import receivers
+        """Connect the signal handlers and checks; flush the publisher on a stop.
+
+        A worker that starts replays what the spool holds.
+        """
+        from . import receivers, shutdown
         from .checks import check_settings
 
         receivers.connect(allauth=apps.is_installed("allauth.account"))
         checks.register(check_settings)
+        shutdown.install()
         try:
-            from celery.signals import worker_process_shutdown, worker_shutdown
+            from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
         except ImportError:
             return
         worker_shutdown.connect(_flush, dispatch_uid="django_kissmetrics.flush")
         worker_process_shutdown.connect(_flush, dispatch_uid="django_kissmetrics.flush_child")
+        worker_ready.connect(_replay, dispatch_uid="django_kissmetrics.replay")
 
 
 def _flush(**kwargs: Any) -> None:
     from .publisher import flush
 
     flush()
+
+
+def _replay(**kwargs: Any) -> None:
+    from .conf import get_settings
+    from .publisher import get_publisher
+
+    # Only where the spool is used: the publisher's start looks into it.
+    if get_settings().enabled and get_settings().ON_ENQUEUE_FAILURE != "log":
+        get_publisher()

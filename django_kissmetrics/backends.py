@@ -97,7 +97,7 @@ class CeleryBackend(BaseBackend):
     def send(self, commands: Sequence[Command]) -> None:
         """Hand ``commands`` to the publisher."""
         if self.inline:
-            publisher.publish(commands)
+            publisher.publish_inline(commands)
         else:
             publisher.get_publisher().submit(commands)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import types
 import typing
 from collections.abc import Callable
+from pathlib import PurePath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,6 +57,10 @@ def _pattern(value: str | None) -> re.Pattern[str] | None:
     return re.compile(value, re.IGNORECASE) if value else None
 
 
+def _path(value: str | PurePath | None) -> str | None:
+    return None if value is None else os.fspath(value)
+
+
 _NONE = type(None)
 #: A script URL the tag may load: absolute http(s), scheme-relative, or a path of this site.
 _SCRIPT_URL = re.compile(r"(https?:)?//[^/\s]+/\S*|/(?!/)\S*", re.IGNORECASE)
@@ -88,7 +94,19 @@ class Settings:
     PUBLISH_WINDOW: float = _key(0.2, "Seconds one background message gathers.", minimum=0)
     PUBLISH_QUEUE_SIZE: int = _key(10_000, "Batches the publisher may hold.", minimum=1)
     ON_ENQUEUE_FAILURE: str = _key(
-        "log", "When the broker cannot be reached: log, or sync.", choices=("log", "sync")
+        "spool",
+        "When the broker cannot be reached: spool, sync, or log.",
+        choices=("spool", "sync", "log"),
+    )
+    SPOOL_DIR: str | None = _key(
+        None,
+        "Folder of the spool; None: one under the temp folder, named for the project.",
+        accepts=(str, PurePath, _NONE),
+        convert=_path,
+    )
+    SPOOL_MAX_BYTES: int = _key(64 * 2**20, "The most the spool holds, in bytes.", minimum=1)
+    SPOOL_MAX_AGE: float = _key(
+        7 * 24 * 3600.0, "Seconds after its call a command is dropped.", minimum=0
     )
     EXCLUDE_PATHS: tuple[str, ...] = _key(
         ("/admin/", "/static/", "/media/", "/favicon.ico", "/robots.txt", "/health"),
@@ -222,6 +240,7 @@ def load(user: Any) -> Settings:
             except re.error as exc:
                 raise _error(field.name, f"is not a regular expression: {exc}") from None
     values["TIMEOUT"] = float(values["TIMEOUT"])
+    values["SPOOL_MAX_AGE"] = float(values["SPOOL_MAX_AGE"])
     values["TRACKING_URL"] = values["TRACKING_URL"].rstrip("/")
     return Settings(**values)
 

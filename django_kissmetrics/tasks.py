@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from . import delivery
+from . import delivery, publisher, spool
 from .commands import Command
 from .conf import get_settings
 from .exceptions import TrackingError
@@ -42,6 +42,8 @@ def deliver(self: Task[Any, Any], commands: list[list[Any] | dict[str, Any]]) ->
 
     Those that fail with a retriable error are sent again, alone, after a backoff;
     each keeps the ``_t`` of its original call, so Kissmetrics sees the same record.
+    After ``MAX_RETRIES`` they go to the spool, to be replayed ``RETRY_BACKOFF_MAX``
+    seconds later; refusals for good (4xx) are given up at once.
     """
     batch = [Command.from_wire(c) for c in commands]
     try:
@@ -61,8 +63,16 @@ def deliver(self: Task[Any, Any], commands: list[list[Any] | dict[str, Any]]) ->
         return len(batch) - len(failures)
     error = retriable[-1][1]
     retries = self.request.retries
-    if retries >= get_settings().MAX_RETRIES:
-        delivery.give_up([c for c, _ in retriable], error, f"gave up after {retries + 1} attempts")
+    conf = get_settings()
+    if retries >= conf.MAX_RETRIES:
+        # The tracker stayed unreachable: keep the commands for a later round rather
+        # than drop them; the spool gives them up past SPOOL_MAX_AGE.
+        _spool(
+            [c for c, _ in retriable],
+            error,
+            f"gave up after {retries + 1} attempts",
+            delay=conf.RETRY_BACKOFF_MAX,
+        )
         return len(batch) - len(failures)
     retry_after = max((e.retry_after or 0.0) for _, e in retriable) or None
     try:
@@ -75,8 +85,15 @@ def deliver(self: Task[Any, Any], commands: list[list[Any] | dict[str, Any]]) ->
         # Celery could not queue the retry (the broker is unreachable) and rejects the
         # message without requeueing it: the commands would be gone without a trace.
         cause = rejected.__context__ or rejected  # The broker's error.
-        delivery.give_up([c for c, _ in retriable], cause, "could not queue a retry")
+        _spool([c for c, _ in retriable], cause, "could not queue a retry", delay=0.0)
         return len(batch) - len(failures)
+
+
+def _spool(commands: list[Command], error: BaseException, reason: str, *, delay: float) -> None:
+    # This process's publisher replays the spool through the broker once it answers
+    # (any other process of the site may do it first).
+    if spool.keep(commands, error, reason, delay=delay):
+        publisher.get_publisher().replay_after(delay)
 
 
 @shared_task(bind=True, name="django_kissmetrics.ping", ignore_result=True)

@@ -7,10 +7,11 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from celery import Celery
 from django.test import override_settings
 
 from django_kissmetrics.testing import StandInTracker
@@ -29,6 +30,15 @@ def need(reason: str) -> None:
     if IN_CI:
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
 
 
 def redis_answers(url: str) -> bool:
@@ -80,6 +90,16 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(10)
             self.process = None
+
+
+@pytest.fixture(autouse=True)
+def fresh_publisher() -> Iterator[None]:
+    """A publisher of each test's own: one left probing a broker that a test took away
+    would replay the next test's spool."""
+    from django_kissmetrics import publisher
+
+    yield
+    publisher.stop()
 
 
 @pytest.fixture(scope="session")
@@ -157,3 +177,22 @@ def celery_worker(celery_app: Any) -> Iterator[Any]:
         finally:
             root.handlers[:] = handlers
             root.setLevel(level)
+
+
+@pytest.fixture
+def own_broker(celery_app: Celery) -> Iterator[RedisServer]:
+    """A Redis this test can stop, and a Celery app in this process that publishes to it."""
+    server = RedisServer()
+    server.start()
+    app = Celery("broker-outage")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.update(broker_url=server.url)
+    # The publisher thread finds the task through the default app.
+    app.set_default()
+    app.set_current()
+    try:
+        yield server
+    finally:
+        server.stop()
+        celery_app.set_default()
+        celery_app.set_current()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
@@ -54,7 +57,10 @@ ACCOUNT_EMAIL_VERIFICATION = "none"
 ACCOUNT_LOGIN_METHODS = {"username"}
 ACCOUNT_SIGNUP_FIELDS = ["username*", "password1*", "password2*"]
 
-KISSMETRICS = {"API_KEY": "test-key", "BACKEND": "locmem"}
+# A spool of each test process's own, so that test runs never replay each other's commands.
+_SPOOL_DIR = tempfile.mkdtemp(prefix="km-test-spool-")
+atexit.register(shutil.rmtree, _SPOOL_DIR, True)
+KISSMETRICS = {"API_KEY": "test-key", "BACKEND": "locmem", "SPOOL_DIR": _SPOOL_DIR}
 
 REDIS_URL = os.environ.get("KM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CELERY_BROKER_URL = REDIS_URL

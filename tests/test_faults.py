@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
-from celery import Celery
 from celery.signals import task_postrun, task_prerun, task_retry
 from django.test import Client
 
@@ -33,7 +32,7 @@ from django_kissmetrics.commands import Command, make_record
 from django_kissmetrics.signals import delivery_failed
 from django_kissmetrics.tasks import deliver
 from django_kissmetrics.testing import Hit, StandInTracker
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, wait_until
 from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -74,14 +73,6 @@ def record_many(count: int, label: str) -> list[Sent]:
             sent.append(Sent(f"{label}-person-{i}", f"{label} {i}", int(before), int(time.time())))
     publisher.flush()
     return sent
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def copies(hits: list[Hit]) -> Counter[tuple[str, str | None]]:
@@ -322,7 +313,9 @@ def test_retries_exhausted_signal_and_error_log_once(
     failed: list[list[Command]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    km_settings(BACKEND="celery", TRACKING_URL=via_celery.url, **{**FAST_RETRIES, "MAX_RETRIES": 2})
+    # "log": no spool, as before it existed (test_spool covers the spool's side).
+    config = {**FAST_RETRIES, "MAX_RETRIES": 2, "ON_ENQUEUE_FAILURE": "log"}
+    km_settings(BACKEND="celery", TRACKING_URL=via_celery.url, **config)
     via_celery.fail(1000, 503)
     with caplog.at_level(logging.ERROR, logger="django_kissmetrics"):
         sent = record_many(3, "Doomed")
@@ -462,25 +455,6 @@ def test_pool_process_killed_mid_batch(
 # The broker goes away while the site serves requests.
 
 
-@pytest.fixture
-def own_broker(celery_app: Celery) -> Iterator[RedisServer]:
-    """A Redis this test can stop, and a Celery app in this process that publishes to it."""
-    server = RedisServer()
-    server.start()
-    app = Celery("broker-outage")
-    app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.conf.update(broker_url=server.url)
-    # The publisher thread finds the task through the default app.
-    app.set_default()
-    app.set_current()
-    try:
-        yield server
-    finally:
-        server.stop()
-        celery_app.set_default()
-        celery_app.set_current()
-
-
 @pytest.mark.django_db
 @pytest.mark.parametrize("on_failure", ["log", "sync"])
 def test_broker_down_while_serving_requests(
@@ -553,7 +527,12 @@ def test_broker_down_while_serving_requests(
 def test_broker_lost_before_a_retry_logs_the_commands(
     tracker: StandInTracker, km_settings: Callable[..., None], own_broker: RedisServer
 ) -> None:
-    config = {"BACKEND": "celery", "TRACKING_URL": tracker.url, **FAST_RETRIES}
+    config = {
+        "BACKEND": "celery",
+        "TRACKING_URL": tracker.url,
+        "ON_ENQUEUE_FAILURE": "log",  # No spool to keep them in.
+        **FAST_RETRIES,
+    }
     km_settings(**config)
     with WorkerProcess(own_broker.url, config) as worker:
         tracker.delay = 1.0  # The 503 comes after the broker has gone.

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerProcess", "rss_kb"]
+__all__ = ["ProcessGroup", "WorkerProcess", "rss_kb"]
 
 ROOT = Path(__file__).resolve().parent.parent
 #: JSON handed to the subprocess: ``kissmetrics`` (keys merged into ``KISSMETRICS``),
@@ -47,7 +47,30 @@ def children(pid: int) -> list[int]:
     return found
 
 
-class WorkerProcess:
+class ProcessGroup:
+    """A subprocess in a session of its own, with its output in ``log_path``."""
+
+    process: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    def kill(self) -> None:
+        """SIGKILL the process group: no shutdown, no acknowledgement, no cleanup."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self.process = None
+
+    def log(self) -> str:
+        """What the process wrote so far (its log and any traceback)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class WorkerProcess(ProcessGroup):
     """``celery worker`` for ``tests.celery_app`` in its own process group.
 
     ``transport_options`` are merged over ``CELERY_BROKER_TRANSPORT_OPTIONS``: tests that
@@ -130,15 +153,6 @@ class WorkerProcess:
             time.sleep(0.05)
         return self
 
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool: no shutdown, no acknowledgement, no cleanup."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        self.process = None
-
     def stop(self, timeout: float = 15.0) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL if it takes longer than ``timeout``."""
         if self.process is None:
@@ -156,13 +170,6 @@ class WorkerProcess:
     def rss_kb(self) -> int:
         """Resident memory of the worker and its pool processes, in KiB."""
         return sum(rss_kb(pid) for pid in [self.pid, *self.pool_pids()])
-
-    def log(self) -> str:
-        """What the worker wrote so far (its log and any traceback)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def __enter__(self) -> WorkerProcess:
         return self.start()

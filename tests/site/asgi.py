@@ -1,0 +1,9 @@
+"""ASGI config, exactly as ``django-admin startproject`` writes it."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.site.settings")
+
+application = get_asgi_application()
