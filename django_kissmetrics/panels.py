@@ -179,10 +179,10 @@ def _still_waiting(callback: Callable[[], None], alias: str) -> bool:
 def consent_state(request: HttpRequest) -> str:
     """The consent gate's answer for ``request``, in words.
 
-    The gate is the ``CONSENT`` setting (a dotted path of ``request -> bool``); before
-    it exists, or while it is ``None``, there is no gate.
+    The gate is the ``CONSENT`` setting (a dotted path of ``request -> bool``); while it
+    is ``None`` there is no gate.
     """
-    path = getattr(get_settings(), "CONSENT", None)
+    path = get_settings().CONSENT
     if not path:
         return "no consent gate"
     try:
