@@ -42,8 +42,10 @@ lint: setup
 	$(BIN)/mypy
 
 bench: setup
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
 	$(BIN)/python benchmarks/delivery.py
 	$(BIN)/python benchmarks/request.py
+	$(BIN)/python benchmarks/request.py --peers
 	$(BIN)/python benchmarks/soak.py
 	$(BIN)/python benchmarks/backfill.py
 	$(BIN)/python benchmarks/outage.py

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import multiprocessing
 import os
 import platform
@@ -36,6 +37,10 @@ _RESPONSE = (
     + str(len(GIF)).encode()
     + b"\r\n\r\n"
     + GIF
+)
+# What the peers' batch APIs answer to a batch they accept (posthog, segment).
+_JSON_RESPONSE = (
+    b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{"status": 1}'
 )
 
 
@@ -123,12 +128,46 @@ class _FastProtocol(asyncio.Protocol):
             self.transport.write(_RESPONSE * answers)
 
 
-def _serve_fast(conn: Connection) -> None:
+class _BatchProtocol(_FastProtocol):
+    """Reads whole requests, bodies included, and counts the events in them.
+
+    For the peers, which POST batches of JSON (gzipped or not) where the tracking API takes
+    one GET per command: an event is one occurrence of ``marker`` in a request's first line
+    or its body, so every client is counted by what arrived, whatever its wire format.
+    """
+
+    def __init__(self, counter: list[int], marker: bytes) -> None:
+        super().__init__(counter)
+        self.marker = marker
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            first, *headers = self.buffer[:end].split(b"\r\n")
+            fields = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(b":") for line in headers)
+            }
+            length = int(fields.get(b"content-length", b"0"))
+            if len(self.buffer) < end + 4 + length:
+                return  # The rest of the body is still on its way.
+            body = self.buffer[end + 4 : end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length :]
+            if b"gzip" in fields.get(b"content-encoding", b""):
+                body = gzip.decompress(body)
+            self.counter[0] += first.count(self.marker) + body.count(self.marker)
+            if self.transport is not None:
+                self.transport.write(_JSON_RESPONSE)
+
+
+def _serve_fast(conn: Connection, marker: bytes | None = None) -> None:
     counter = [0]
     loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(
-        loop.create_server(lambda: _FastProtocol(counter), "127.0.0.1", 0, backlog=256)
-    )
+
+    def protocol() -> asyncio.Protocol:
+        return _FastProtocol(counter) if marker is None else _BatchProtocol(counter, marker)
+
+    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0, backlog=256))
     port = server.sockets[0].getsockname()[1]
     threading.Thread(target=loop.run_forever, daemon=True).start()
     _control(conn, port, lambda: counter[0], lambda: counter.__setitem__(0, 0))
@@ -179,12 +218,15 @@ class TrackerProcess:
 
     ``kind="fast"``: a lean asyncio server, for throughput. ``kind="stand-in"``: the
     package's threaded :class:`~django_kissmetrics.testing.StandInTracker`, which holds
-    every answer ``delay`` seconds, for latency.
+    every answer ``delay`` seconds, for latency. ``kind="batch"``: the lean server reading
+    request bodies too, for the peers' batch APIs; ``hits()`` then counts the events in
+    them (each occurrence of ``marker``).
     """
 
-    def __init__(self, kind: str = "fast", delay: float = 0.0) -> None:
+    def __init__(self, kind: str = "fast", delay: float = 0.0, marker: bytes = b"") -> None:
         self.kind = kind
         self.delay = delay
+        self.marker = marker
         self.port = 0
         self._conn: Connection | None = None
         self._process: Any = None
@@ -207,6 +249,8 @@ class TrackerProcess:
         if self.kind == "fast":
             target: Callable[..., None] = _serve_fast
             args: tuple[Any, ...] = (child,)
+        elif self.kind == "batch":
+            target, args = _serve_fast, (child, self.marker)
         else:
             target, args = _serve_stand_in, (child, self.delay)
         self._process = context.Process(target=target, args=args, daemon=True)

@@ -22,7 +22,9 @@ class KissmetricsConfig(AppConfig):
         from . import receivers, shutdown
         from .checks import check_settings
 
-        receivers.connect(allauth=apps.is_installed("allauth.account"))
+        # Login and signup are contrib.auth's: a site without it has none to join.
+        if apps.is_installed("django.contrib.auth"):
+            receivers.connect(allauth=apps.is_installed("allauth.account"))
         checks.register(check_settings)
         shutdown.install()
         try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,3 +117,43 @@ def test_bad_backend_path_is_a_clear_error(km_settings: Any) -> None:
 
 def test_pytest_plugin_is_registered(pytestconfig: pytest.Config) -> None:
     assert pytestconfig.pluginmanager.has_plugin("django_kissmetrics")
+
+
+def test_a_site_without_contrib_auth_starts_and_tracks() -> None:
+    # No users, so no login or signup to join: the anonymous visitor is still tracked.
+    script = textwrap.dedent(
+        """
+        import django
+        from django.conf import settings
+        from django.http import HttpResponse
+        from django.urls import path
+
+        def view(request):
+            from django_kissmetrics import km
+            km.record("Viewed Home")
+            return HttpResponse("home")
+
+        urlpatterns = [path("", view)]
+        settings.configure(
+            INSTALLED_APPS=["django_kissmetrics"],
+            MIDDLEWARE=["django_kissmetrics.middleware.KissmetricsMiddleware"],
+            ROOT_URLCONF="__main__",
+            ALLOWED_HOSTS=["testserver"],
+            KISSMETRICS={"API_KEY": "k", "BACKEND": "locmem"},
+        )
+        django.setup()
+        from django.core import checks
+        from django.test import Client
+        from django_kissmetrics import testing
+
+        print([m.id for m in checks.run_checks()])
+        response = Client().get("/")
+        print(response.status_code, "km_ai" in response.cookies)
+        print([(c.kind, c.name) for c in testing.outbox])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "200 True", "[('record', 'Viewed Home')]"]
