@@ -37,12 +37,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import multiprocessing
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import _common
@@ -199,7 +202,7 @@ class _Variant:
         self.tracker: _common.TrackerProcess | None = None
         self.peer: Peer | None = None
         self.site: _site.Site | None = None
-        if name == OURS:
+        if name not in PEERS:  # This package, from this checkout or the --before one.
             site = self.site = _site.build_site(options)
             tracked, plain = site.tracked, site.plain
             paths = {view: _site.VIEWS[view] for view in _site.VIEWS}
@@ -293,6 +296,25 @@ class _Variant:
         return count, count == expected
 
 
+#: The distribution each peer is.
+DISTRIBUTIONS = {
+    "posthog capture": "posthog",
+    "posthog + middleware": "posthog",
+    "segment track": "segment-analytics-python",
+    "py-KISSmetrics": "py-KISSmetrics",
+}
+
+
+def _origin(name: str) -> str:
+    """What this process measures: the peer's version, or where this package came from."""
+    if name in PEERS:
+        distribution = DISTRIBUTIONS[name]
+        return f"{distribution} {importlib.metadata.version(distribution)}"
+    import django_kissmetrics
+
+    return f"django_kissmetrics from {Path(django_kissmetrics.__file__).parent.parent}"
+
+
 def _child(conn: Connection, name: str, options: argparse.Namespace) -> None:
     """A variant's process: build the site, then answer the parent's requests."""
     if options.consent:
@@ -302,7 +324,7 @@ def _child(conn: Connection, name: str, options: argparse.Namespace) -> None:
     # What start-up left is set aside from the collector, as request.py does (gc.freeze).
     gc.collect()
     gc.freeze()
-    conn.send("ready")
+    conn.send(("ready", _origin(name)))
     while True:
         message, number = conn.recv()
         if message == "round":
@@ -313,18 +335,33 @@ def _child(conn: Connection, name: str, options: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def _variants(names: list[str], options: argparse.Namespace) -> Iterator[dict[str, Connection]]:
-    """One process per variant, started one after the other (each warms up alone)."""
+def _variants(
+    names: list[str], options: argparse.Namespace, checkouts: dict[str, str]
+) -> Iterator[dict[str, Connection]]:
+    """One process per variant, started one after the other (each warms up alone).
+
+    A variant in ``checkouts`` imports the package from that folder: a spawned process
+    starts with the sys.path its parent had when it was started.
+    """
     context = multiprocessing.get_context("spawn")
     processes, conns = [], {}
     try:
         for name in names:
             parent, child = context.Pipe()
             process = context.Process(target=_child, args=(child, name, options))
-            process.start()
+            checkout = checkouts.get(name)
+            if checkout is not None:
+                sys.path.insert(0, checkout)
+            try:
+                process.start()
+            finally:
+                if checkout is not None:
+                    sys.path.remove(checkout)
             processes.append(process)
-            if not parent.poll(120) or parent.recv() != "ready":
+            if not parent.poll(120):
                 raise RuntimeError(f"{name}: the process did not start")
+            _ready, origin = parent.recv()
+            print(f"  {name}: {origin}")
             conns[name] = parent
         yield conns
     finally:
@@ -349,7 +386,14 @@ def compare(options: argparse.Namespace) -> int:
     if missing:
         print(f"--peers needs {', '.join(missing)}: pip install -e '.[bench]'")
         return 2
-    names = [OURS, *PEERS]
+    checkouts = {}
+    if options.before:
+        before = Path(options.before).resolve()
+        if not (before / "django_kissmetrics" / "__init__.py").is_file():
+            print(f"--before {before}: no django_kissmetrics package there")
+            return 2
+        checkouts[f"{OURS} ({before.name})"] = str(before)
+    names = [OURS, *checkouts, *PEERS]
     n, rounds = options.requests, options.rounds
     print("benchmarks/request.py --peers: one event per request, each library in its own process")
     print(_common.machine())
@@ -359,7 +403,7 @@ def compare(options: argparse.Namespace) -> int:
     )
     added: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     delivered: dict[str, tuple[int, bool]] = {}
-    with _variants(names, options) as conns:
+    with _variants(names, options, checkouts) as conns:
         for number in range(1, rounds + 1):
             shift = number % len(names)
             for name in names[shift:] + names[:shift]:
@@ -374,6 +418,8 @@ def compare(options: argparse.Namespace) -> int:
     cases = [f"{view}|{visitor}" for view, visitor in CASES]
 
     def cell(values: list[float]) -> str:
+        if len(values) < 2:
+            return f"{median(values) * 1e6:+,.0f}"
         low, _, high = (q * 1e6 for q in statistics.quantiles(values, n=4))
         return f"{median(values) * 1e6:+,.0f} ({low:+,.0f} to {high:+,.0f})"
 
@@ -406,5 +452,14 @@ def compare(options: argparse.Namespace) -> int:
     for name, (count, good) in delivered.items():
         if not good:
             print(f"ERROR: {name}: {count:,} events arrived, expected {expected:,}")
+    for name in checkouts:
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{case.replace('|', ', ')} {median(added[name][case]) * 1e6:+,.0f} us"
+                for case in cases
+            )
+            + " (for comparison; the budget is this checkout's)"
+        )
     print(f"\n{'budget met' if ok else 'BUDGET MISSED'}")
     return 0 if ok else 1

@@ -317,7 +317,7 @@ def instructions(args: argparse.Namespace) -> int:
                 f"{per['locmem'] - per['plain']:+,.0f}",
                 f"{per['tracked'] - per['locmem']:+,.0f}",
                 f"{ratio:.3f}x",
-                ("OK" if ratio <= TARGET else "MISSED") if judged else f"({ratio <= TARGET})",
+                ("OK" if ratio <= TARGET else "MISSED") if judged else "not judged",
             ]
         )
     print(
@@ -369,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure posthog, segment and py-KISSmetrics beside this package, both views, "
         "one process per variant, and judge the budget against them",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="PATH",
+        help="with --peers: also measure the package of the checkout at PATH (a git "
+        "worktree of an earlier commit), as a variant of its own",
     )
     args = parser.parse_args(argv)
     if args.consent:
