@@ -41,8 +41,11 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: setup
+$(BIN)/.bench-installed: pyproject.toml $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	touch $@
+
+bench: setup $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/delivery.py
 	$(BIN)/python benchmarks/request.py
 	$(BIN)/python benchmarks/request.py --peers

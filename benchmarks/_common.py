@@ -148,6 +148,12 @@ class _BatchProtocol(_FastProtocol):
                 name.strip().lower(): value.strip()
                 for name, _, value in (line.partition(b":") for line in headers)
             }
+            if b"transfer-encoding" in fields:
+                # Not read here: fail loudly (the count then misses) rather than misparse.
+                if self.transport is not None:
+                    self.transport.close()
+                self.buffer = b""
+                return
             length = int(fields.get(b"content-length", b"0"))
             if len(self.buffer) < end + 4 + length:
                 return  # The rest of the body is still on its way.
@@ -250,6 +256,8 @@ class TrackerProcess:
             target: Callable[..., None] = _serve_fast
             args: tuple[Any, ...] = (child,)
         elif self.kind == "batch":
+            if not self.marker:
+                raise ValueError('kind="batch" counts a marker: give a non-empty one')
             target, args = _serve_fast, (child, self.marker)
         else:
             target, args = _serve_stand_in, (child, self.delay)
