@@ -92,9 +92,14 @@ CONTEXT = {
 }
 
 
+#: The event every tracked view records, whatever the library.
+EVENT = "Viewed Pricing"
+PROPERTIES = {"plan": "pro", "source": "benchmark"}
+
+
 def tracked_view(request: HttpRequest) -> HttpResponse:
     """The page, recording one event about the current visitor."""
-    km.record("Viewed Pricing", {"plan": "pro", "source": "benchmark"})
+    km.record(EVENT, PROPERTIES)
     return HttpResponse(PAGE)
 
 
@@ -105,7 +110,7 @@ def plain_view(request: HttpRequest) -> HttpResponse:
 
 def tracked_page(request: HttpRequest) -> HttpResponse:
     """The templated page, recording one event; its template has the tag."""
-    km.record("Viewed Pricing", {"plan": "pro", "source": "benchmark"})
+    km.record(EVENT, PROPERTIES)
     return render(request, "tracked.html", CONTEXT)
 
 
@@ -282,7 +287,7 @@ def check_queue(client: Any, queue: str, expected: int, *, quiet: bool = False) 
     """Whether ``queue`` holds exactly ``expected`` commands, one per tracked request."""
     commands = queued_commands(client, queue)
     messages = client.llen(queue)
-    good = [c for c in commands if c.kind == "record" and c.name == "Viewed Pricing"]
+    good = [c for c in commands if c.kind == "record" and c.name == EVENT]
     if not quiet:
         print(
             f"\nqueued: {len(good)} commands in {messages} Celery messages for {expected} "

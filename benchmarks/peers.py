@@ -59,8 +59,7 @@ from django.urls import path
 OURS = "django-kissmetrics"
 #: Ours over the cheapest peer's added time, by visitor.
 BUDGET = {"returning visitor": 0.5, "first visit": 0.6}
-EVENT = "Viewed Pricing"
-PROPERTIES = {"plan": "pro", "source": "benchmark"}
+EVENT, PROPERTIES = _site.EVENT, _site.PROPERTIES
 #: The peers' anonymous id cookie: the same name as ours, so that every variant's
 #: returning visitor sends the same request.
 COOKIE = "km_ai"
@@ -101,14 +100,17 @@ def peer_page(request: HttpRequest) -> HttpResponse:
 #: The peers' URLconf: the plain views, and the tracked ones above.
 urlpatterns = [
     *_site.urlpatterns,
-    path(PEER_VIEWS["empty"].strip("/") + "/", peer_view),
-    path(PEER_VIEWS["page"].strip("/") + "/", peer_page),
+    path(PEER_VIEWS["empty"].lstrip("/"), peer_view),
+    path(PEER_VIEWS["page"].lstrip("/"), peer_page),
 ]
 
 
 class Peer:
     """One peer's client, made as its documentation shows, sending to ``url``."""
 
+    #: The distribution on the registry, and the module it installs.
+    distribution: str = ""
+    module: str = ""
     #: Middleware the library adds to the stack.
     middleware: tuple[str, ...] = ()
 
@@ -129,6 +131,8 @@ class Peer:
 
 class Posthog(Peer):
     """posthog-python: ``capture`` queues the event, a consumer thread posts batches."""
+
+    distribution, module = "posthog", "posthog"
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -157,6 +161,8 @@ class PosthogMiddleware(Posthog):
 class Segment(Peer):
     """segment analytics-python: ``track`` queues the event, a consumer thread posts batches."""
 
+    distribution, module = "segment-analytics-python", "segment.analytics"
+
     def __init__(self, url: str) -> None:
         super().__init__(url)
         from segment.analytics import Client
@@ -172,6 +178,8 @@ class Segment(Peer):
 
 class PyKissmetrics(Peer):
     """py-KISSmetrics 1.1: ``record`` sends one GET before it returns (urllib3, keep-alive)."""
+
+    distribution, module = "py-KISSmetrics", "KISSmetrics"
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -205,7 +213,7 @@ class _Variant:
         if name not in PEERS:  # This package, from this checkout or the --before one.
             site = self.site = _site.build_site(options)
             tracked, plain = site.tracked, site.plain
-            paths = {view: _site.VIEWS[view] for view in _site.VIEWS}
+            paths = dict(_site.VIEWS)
         else:
             tracked, plain = self._build_peer(name, options)
             paths = {view: (PEER_VIEWS[view], _site.VIEWS[view][1]) for view in _site.VIEWS}
@@ -303,19 +311,10 @@ class _Variant:
         return count, count == expected
 
 
-#: The distribution each peer is.
-DISTRIBUTIONS = {
-    "posthog capture": "posthog",
-    "posthog + middleware": "posthog",
-    "segment track": "segment-analytics-python",
-    "py-KISSmetrics": "py-KISSmetrics",
-}
-
-
 def _origin(name: str) -> str:
     """What this process measures: the peer's version, or where this package came from."""
     if name in PEERS:
-        distribution = DISTRIBUTIONS[name]
+        distribution = PEERS[name].distribution
         return f"{distribution} {importlib.metadata.version(distribution)}"
     import django_kissmetrics
 
@@ -395,15 +394,11 @@ def _variants(
 def compare(options: argparse.Namespace) -> int:
     """Measure every variant; 0 when the budget is met and every event arrived, else 1."""
     missing = []
-    for module, package in (
-        ("posthog", "posthog"),
-        ("segment.analytics", "segment-analytics-python"),
-        ("KISSmetrics", "py-KISSmetrics"),
-    ):
+    for module, distribution in {p.module: p.distribution for p in PEERS.values()}.items():
         try:
-            __import__(module)
+            importlib.import_module(module)
         except ImportError:
-            missing.append(package)
+            missing.append(distribution)
     if missing:
         print(f"--peers needs {', '.join(missing)}: pip install -e '.[bench]'")
         return 2
