@@ -93,7 +93,8 @@ def _inert(request: Any, tracker: RequestTracker) -> SafeString:
     No command and no identity: nothing about this visitor is known or sent yet.
     """
     conf = get_settings()
-    lines = _head(conf.API_KEY, cookie_domain_for(tracker.request), conf.SCRIPT_URLS)
+    key = tracker.api_key or conf.API_KEY
+    lines = _head(key, cookie_domain_for(tracker.request), conf.SCRIPT_URLS)
     nonce = _nonce_attribute(request, conf)
     marks = "".join(f' {name}="{escape(value)}"' for name, value in conf.CONSENT_SCRIPT_ATTRIBUTES)
     return mark_safe(
@@ -116,7 +117,8 @@ def kissmetrics_js(context: template.Context) -> SafeString | str:
         if not tracker.active:
             return _inert(request, tracker)
         conf = get_settings()
-        lines = [*_head(conf.API_KEY, cookie_domain_for(tracker.request), conf.SCRIPT_URLS)]
+        key = tracker.api_key or conf.API_KEY  # The request's site (SITES).
+        lines = [*_head(key, cookie_domain_for(tracker.request), conf.SCRIPT_URLS)]
         for command in page_commands(tracker):
             try:
                 lines.append(f"_kmq.push({js_value(command)});")
