@@ -64,3 +64,8 @@ def broken(request: HttpRequest) -> bool:
 
 #: ``TRACK``: staff and the office (192.0.2.0/24) kept out.
 office = every(not_staff, outside(["192.0.2.0/24"]))
+
+
+def drop_all(command: Command) -> None:
+    """Every command is dropped."""
+    return None
