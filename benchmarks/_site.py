@@ -226,6 +226,29 @@ VISITORS = {
 CONSENT_COOKIE = "analytics_consent=yes"
 
 
+#: ``--hooks``: SITES (this host and another), TRACK (staff and an office range kept out)
+#: and BEFORE_SEND (a hook that looks at each command and keeps it).
+HOOKS = {
+    "SITES": {"www.shop.test": KEY, ".other.test": "other-key"},
+    "TRACK": "django_kissmetrics.track.not_staff_or_internal",
+    "INTERNAL_IPS": ["192.0.2.0/24"],
+    "BEFORE_SEND": "_site.before_send",
+}
+
+
+def before_send(command: Command) -> Command | None:
+    """``BEFORE_SEND`` for ``--hooks``: drops a health check's events, keeps the rest."""
+    return None if command.name == "Checked Health" else command
+
+
+def hooks_label(args: argparse.Namespace) -> str:
+    """What ``--hooks`` set, for the report's header."""
+    if not getattr(args, "hooks", False):
+        return "SITES, TRACK, BEFORE_SEND: None"
+    sites = len(HOOKS["SITES"])
+    return f"SITES {sites} hosts, TRACK {HOOKS['TRACK']}, BEFORE_SEND {HOOKS['BEFORE_SEND']}"
+
+
 def banner_consent(request: HttpRequest) -> bool:
     """``CONSENT`` for ``--consent``: the visitor agreed in the banner."""
     return request.COOKIES.get("analytics_consent") == "yes"
@@ -261,6 +284,7 @@ def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
         # Never contacted: no worker consumes the queue.
         "TRACKING_URL": "http://127.0.0.1:9",
         **({"CONSENT": "_site.banner_consent"} if args.consent else {}),
+        **(HOOKS if getattr(args, "hooks", False) else {}),
         **km_overrides,
     }
     _common.setup_django(

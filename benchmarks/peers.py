@@ -417,6 +417,7 @@ def compare(options: argparse.Namespace) -> int:
         f"middleware ({options.stack}); {n} requests per round and case, {rounds} rounds; "
         f"CONSENT: {'a function reading the banner cookie' if options.consent else 'None'}"
     )
+    print(_site.hooks_label(options))
     added: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     delivered: dict[str, tuple[int, bool]] = {}
     with _variants(names, options, checkouts) as conns:

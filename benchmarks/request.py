@@ -56,6 +56,7 @@ from _site import (
     check_queue,
     clean_up,
     environ,
+    hooks_label,
     runner,
 )
 
@@ -129,6 +130,7 @@ def wall_time(args: argparse.Namespace) -> int:
     print(_common.machine())
     conf = get_settings()
     print(f"middleware ({args.stack}): {', '.join(m.rsplit('.', 1)[1] for m in site.middleware)}")
+    print(hooks_label(args))
     print(f"view: {args.view} ({' against '.join(VIEWS[args.view])})")
     print(
         f"publisher: {conf.PUBLISH}, window {conf.PUBLISH_WINDOW * 1000:g} ms; broker "
@@ -264,6 +266,7 @@ def instructions(args: argparse.Namespace) -> int:
     print("benchmarks/request.py --instructions: one km.record per request, counted by callgrind")
     print(_common.machine())
     print(f"CONSENT: {'a function reading the banner cookie' if args.consent else 'None'}")
+    print(hooks_label(args))
     print(
         f"middleware ({args.stack}), view ({args.view}) and broker as in the timed run; "
         f"{n} requests per round, one Celery message per round"
@@ -284,6 +287,7 @@ def instructions(args: argparse.Namespace) -> int:
         command += ["--requests", str(n), "--redis", args.redis, "--stack", args.stack]
         command += ["--view", args.view]
         command += ["--queue", queue, *(["--consent"] if args.consent else [])]
+        command += ["--hooks"] if args.hooks else []
         # A fixed hash seed: the same dict and set layouts in every run.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -361,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         "--consent",
         action="store_true",
         help="gate on CONSENT (a function reading a banner's cookie), every visitor agreed",
+    )
+    parser.add_argument(
+        "--hooks",
+        action="store_true",
+        help="set SITES (two sites), TRACK (staff and an office range kept out) and "
+        "BEFORE_SEND (a hook that keeps each command)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--queue", help=argparse.SUPPRESS)

@@ -444,3 +444,29 @@ def test_nothing_is_tracked_before_the_banner_is_accepted(demo: Demo) -> None:
             assert len(demo.people()) == before + 1
         finally:
             browser.close()
+
+
+def test_the_second_host_is_a_site_of_its_own(demo: Demo) -> None:
+    """``localhost`` has its own key (``SITES``): its visitors show under it on /tracker/."""
+    from playwright.sync_api import sync_playwright
+
+    second = demo.url.replace("127.0.0.1", "localhost")
+    assert second != demo.url
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.route(KISSMETRICS_HOSTS, lambda route: route.abort())
+            page = context.new_page()
+            page.goto(f"{second}/pricing/")
+            accept_analytics(page)
+            assert page.evaluate("() => window._kmk") == "demo-second-key"
+            anonymous = km_ai(page)
+            people = demo.wait_for(lambda people: any(anonymous in p["identities"] for p in people))
+        finally:
+            browser.close()
+    (person,) = [p for p in people if anonymous in p["identities"]]
+    assert person["site"] == "demo-second-key"
+    assert recorded(person) >= {("Viewed Pricing", anonymous, "server")}
+    # The first site's people keep the first key.
+    assert {p["site"] for p in people if anonymous not in p["identities"]} <= {"demo-key"}
