@@ -48,6 +48,7 @@ from collections.abc import Callable
 import _common
 from _common import interleave, median, table
 from _site import (
+    ALL_HOOKS,
     STACKS,
     VIEWS,
     VISITORS,
@@ -287,7 +288,7 @@ def instructions(args: argparse.Namespace) -> int:
         command += ["--requests", str(n), "--redis", args.redis, "--stack", args.stack]
         command += ["--view", args.view]
         command += ["--queue", queue, *(["--consent"] if args.consent else [])]
-        command += ["--hooks"] if args.hooks else []
+        command += ["--hooks", args.hooks] if args.hooks else []
         # A fixed hash seed: the same dict and set layouts in every run.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -304,6 +305,8 @@ def instructions(args: argparse.Namespace) -> int:
     rows = []
     for label in VISITORS:
         visitor = label.split()[0]
+        if args.visitor and visitor != args.visitor:
+            continue
         per = {
             kind: (count(kind, visitor, 3) - count(kind, visitor, 1)) / (2 * n)
             for kind in ("plain", "tracked", "locmem")
@@ -368,9 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--hooks",
-        action="store_true",
+        nargs="?",
+        const=ALL_HOOKS,
+        metavar="sites,track,before_send",
         help="set SITES (two sites), TRACK (staff and an office range kept out) and "
-        "BEFORE_SEND (a hook that keeps each command)",
+        "BEFORE_SEND (a hook that keeps each command); or only the ones named",
+    )
+    parser.add_argument(
+        "--visitor",
+        choices=["returning", "first"],
+        help="--instructions: count this visitor only (default both)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--queue", help=argparse.SUPPRESS)

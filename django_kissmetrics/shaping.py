@@ -85,7 +85,7 @@ def shape(
     ``extra``: the global properties when the caller has them already (a request works
     them out once). ``None`` when ``BEFORE_SEND`` dropped the command. Never raises.
     """
-    if command.kind == "record":
+    if command.kind == "record" and conf.GLOBAL_PROPERTIES is not None:
         shared = global_properties(conf, request) if extra is None else extra
         if shared:
             command = command._replace(properties={**shared, **command.properties})

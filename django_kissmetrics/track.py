@@ -92,7 +92,10 @@ def visitor_address(request: HttpRequest) -> _Address | None:
     The header's last entry is the one the site's own proxy wrote (earlier ones come
     from the visitor, who can write anything there). ``None`` when it is no address.
     """
-    header = get_settings().TRUSTED_IP_HEADER
+    return _visitor_address(request, get_settings().TRUSTED_IP_HEADER)
+
+
+def _visitor_address(request: HttpRequest, header: str | None) -> _Address | None:
     value = request.META.get(header) if header else None
     value = value.rsplit(",", 1)[-1] if value else request.META.get("REMOTE_ADDR", "")
     return _address(value.strip())
@@ -116,8 +119,9 @@ def _within(address: _Address | None, networks: Iterable[_Network]) -> bool:
 
 def not_internal(request: HttpRequest) -> bool:
     """False for a visitor whose address is in ``KISSMETRICS["INTERNAL_IPS"]``."""
-    networks = get_settings().INTERNAL_IPS
-    return not (networks and _within(visitor_address(request), networks))
+    conf = get_settings()
+    networks = conf.INTERNAL_IPS
+    return not (networks and _within(_visitor_address(request, conf.TRUSTED_IP_HEADER), networks))
 
 
 def outside(ranges: Iterable[str]) -> Check:
@@ -129,7 +133,7 @@ def outside(ranges: Iterable[str]) -> Check:
     networks = tuple(ipaddress.ip_network(r, strict=False) for r in ranges)
 
     def check(request: HttpRequest) -> bool:
-        return not _within(visitor_address(request), networks)
+        return not _within(_visitor_address(request, get_settings().TRUSTED_IP_HEADER), networks)
 
     return check
 
@@ -138,7 +142,7 @@ def every(*checks: Check) -> Check:
     """A ``TRACK`` function that tracks a visitor only when every one of ``checks`` does."""
 
     def check(request: HttpRequest) -> bool:
-        return all(c(request) for c in checks)
+        return all(one(request) for one in checks)
 
     return check
 
