@@ -68,7 +68,10 @@ def _sites(value: dict[str, str | None] | str | None) -> dict[str, str | None] |
         return value
     out: dict[str, str | None] = {}
     for host, key in value.items():
-        if not isinstance(host, str) or not host.strip(". ") or any(c in host for c in "/ :"):
+        literal = isinstance(host, str) and host.startswith("[") and host.endswith("]")
+        if not isinstance(host, str) or not host.strip(". ") or any(c in host for c in "/ "):
+            raise ValueError(f"holds {host!r}, which is not a host or .domain")
+        if ":" in host and not literal:  # A port, or an IPv6 address without its brackets.
             raise ValueError(f"holds {host!r}, which is not a host or .domain")
         if key is not None and (not isinstance(key, str) or not key):
             raise ValueError(f"[{host!r}] must be an API key (str) or None, not {key!r}")
