@@ -380,5 +380,5 @@ def test_sites_setting_is_validated(km_settings: Callable[..., None]) -> None:
     assert get_settings().SITES == {"shop.test": "k", "[::1]": "v6"}
     assert key_for_host("[::1]:8000", get_settings().SITES, None) == "v6"  # type: ignore[arg-type]
     km_settings(SITES={"shop.test:8000": "k"})
-    with pytest.raises(ConfigurationError, match="shop.test:8000"):
+    with pytest.raises(ConfigurationError, match=r"shop\.test:8000"):
         get_settings()
