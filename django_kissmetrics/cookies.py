@@ -15,6 +15,7 @@ from typing import Any
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
+from django.utils.cache import patch_cache_control, patch_vary_headers
 from django.utils.http import http_date
 
 from .conf import get_settings
@@ -65,11 +66,22 @@ def delete_cookies(response: HttpResponseBase, request: HttpRequest, names: list
     """Delete the cookies ``names`` with the ``Domain`` and path ``km_ai`` is written with.
 
     A cookie is deleted only by one with the same name, domain and path: the library and
-    the server both write them for :func:`cookie_domain_for` and ``/``.
+    the server both write them for :func:`cookie_domain_for` and ``/``. The response
+    becomes ``Cache-Control: private`` with ``Vary: Cookie``, as with
+    :func:`set_anonymous_cookie`.
     """
     domain = cookie_domain_for(request)
     for name in names:
         response.delete_cookie(name, path="/", domain=domain, samesite="Lax")
+    _not_shared(response)
+
+
+def _not_shared(response: HttpResponseBase) -> None:
+    # A response that writes one visitor's cookie must never be stored by a shared cache
+    # and handed to the next visitor (Django's own session and CSRF cookies get the same).
+    # The view's max-age stays: the visitor's own browser may still keep the page.
+    patch_cache_control(response, private=True)
+    patch_vary_headers(response, ("Cookie",))
 
 
 @receiver(setting_changed, dispatch_uid="django_kissmetrics.cookies")
@@ -173,7 +185,9 @@ def set_anonymous_cookie(response: HttpResponseBase, request: HttpRequest, value
     """Put ``km_ai`` holding ``value`` (percent-encoded) on ``response`` for ``request``.
 
     :func:`cookie_domain_for` and :func:`anonymous_cookie` in one step: a first visit's
-    cookie costs one lookup per ``Host`` header and second.
+    cookie costs one lookup per ``Host`` header and second. The response becomes
+    ``Cache-Control: private`` (keeping its ``max-age``) with ``Vary: Cookie``: no shared
+    cache may replay one visitor's id to another.
     """
     conf = get_settings()
     secure = request.is_secure()
@@ -190,3 +204,4 @@ def set_anonymous_cookie(response: HttpResponseBase, request: HttpRequest, value
                 _by_host.clear()
             _by_host[key] = ready
     response.cookies[name] = _fill(name, value, ready)
+    _not_shared(response)

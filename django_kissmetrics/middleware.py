@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.core.signals import setting_changed
@@ -81,9 +82,12 @@ def _make_tracker(request: HttpRequest) -> RequestTracker:
         return RequestTracker(request, active=False, allow_explicit=True)
     if conf.CONSENT is not None and not agreed(request, conf.CONSENT):
         return _not_agreed(request, conf.COOKIE_NAME)
-    tracker = RequestTracker(
-        request, anonymous_id=decode_cookie(request.COOKIES.get(conf.COOKIE_NAME))
-    )
+    cookies = request.COOKIES
+    raw = cookies.get(conf.COOKIE_NAME)
+    anonymous = decode_cookie(raw)
+    if anonymous is None or _LIBRARY_NAMED in cookies:
+        return _claimed(request, conf.CONSENT is not None, raw, anonymous)
+    tracker = RequestTracker(request, anonymous_id=anonymous)
     if conf.CONSENT is not None:
         tracker.gated = True
     return tracker
@@ -91,6 +95,29 @@ def _make_tracker(request: HttpRequest) -> RequestTracker:
 
 #: The cookies of a visitor besides ``COOKIE_NAME``: the library's, all named ``km_*``.
 _LIBRARY_COOKIE_PREFIX = "km_"
+#: The library's cookie for the named identity it was given by ``identify``.
+_LIBRARY_NAMED = "km_ni"
+
+
+def _claimed(
+    request: HttpRequest, gated: bool, raw: str | None, anonymous: str | None
+) -> RequestTracker:
+    # km_ai is missing, is no anonymous id, or may be a named one: once the library has
+    # identified someone (km_ni) it writes their identity into km_ai too. Such a value
+    # is never the visitor's anonymous id; it is kept only if it is the logged-in
+    # person's own identity (write_cookies() decides, when the user is known).
+    claimed = None
+    if anonymous is not None:
+        named = request.COOKIES.get(_LIBRARY_NAMED)
+        if named and unquote(named) == anonymous:
+            anonymous, claimed = None, anonymous
+    elif raw and len(raw) <= 1024:
+        claimed = unquote(raw)
+    tracker = RequestTracker(request, anonymous_id=anonymous)
+    if claimed:
+        tracker.claimed_id = claimed
+    tracker.gated = gated
+    return tracker
 
 
 def _not_agreed(request: HttpRequest, cookie_name: str) -> RequestTracker:
@@ -131,6 +158,11 @@ def forget(tracker: RequestTracker, response: HttpResponseBase) -> None:
 def write_cookies(tracker: RequestTracker, response: HttpResponseBase) -> None:
     """Set ``km_ai`` exactly as the JavaScript library would write it."""
     if not tracker.new_anonymous_id or tracker.anonymous_id is None:
+        return
+    claimed = tracker.claimed_id
+    if claimed is not None and not tracker.logged_out and claimed == tracker.identity:
+        # The library wrote this logged-in person's identity into km_ai: replacing it
+        # on every page would only start a tug of war with the library.
         return
     request = tracker.request
     # Only new_anonymous_id() sets it when new_anonymous_id is true: Base64.
@@ -228,6 +260,7 @@ class KissmetricsMiddleware:
         backend = get_backend()
         if (
             tracker.has_deferred
+            or tracker.claimed_id is not None  # write_cookies() may load the user.
             or (tracker.browser and not tracker.browser_rendered)
             or tracker.withdrawn  # Reads and writes the session.
             or getattr(backend, "blocking", True)

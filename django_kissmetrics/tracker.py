@@ -59,7 +59,7 @@ class Tracker:
         if person is _DEFERRED:
             when = cmd.to_timestamp(timestamp)
             cmd._event_name(event)  # A developer mistake raises now, not at the response.
-            self._defer(lambda p: cmd.make_record(p, event, properties, when))
+            self._defer(lambda p: cmd.make_record(p, event, properties, when), identity)
             return
         self._emit(cmd.make_record(person, event, properties, timestamp))
 
@@ -76,7 +76,7 @@ class Tracker:
             return
         if person is _DEFERRED:
             when = cmd.to_timestamp(timestamp)
-            self._defer(lambda p: cmd.make_set(p, properties, when))
+            self._defer(lambda p: cmd.make_set(p, properties, when), identity)
             return
         self._emit(cmd.make_set(person, properties, timestamp))
 
@@ -127,7 +127,7 @@ class Tracker:
             )
         return identity if self._allowed(explicit=True) else None
 
-    def _defer(self, make: Callable[[str], Command]) -> None:
+    def _defer(self, make: Callable[[str], Command | None], identity: str | None) -> None:
         raise NotImplementedError
 
     def _emit(self, command: Command) -> None:
@@ -181,9 +181,16 @@ class RequestTracker(CurrentPerson, Tracker):
     awaiting_consent = False
     #: Not agreed, yet the browser holds Kissmetrics cookies: the response deletes them.
     withdrawn = False
+    #: A ``km_ai`` that is not an anonymous id but may be this person's named identity,
+    #: which the JavaScript library writes there once it has identified them: kept (no
+    #: new cookie, no alias) only when it is the logged-in person's own.
+    claimed_id: str | None = None
     _closed = False
     _aliased: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
     _signed_up: frozenset[str] | set[str] = frozenset()
+    #: Primary keys of the users created in this request: one the visitor logs in as is
+    #: their signup.
+    created_users: frozenset[Any] | set[Any] = frozenset()
 
     def __init__(
         self,
@@ -199,7 +206,7 @@ class RequestTracker(CurrentPerson, Tracker):
         self.anonymous_id = anonymous_id
         self.browser: list[list[Any]] = []
         self._buffer: list[Command] = []
-        self._deferred: list[Callable[[str], Command]] = []
+        self._deferred: list[tuple[str | None, Callable[[str], Command | None]]] = []
         if active and anonymous_id is None:
             self.anonymous_id = new_anonymous_id()
             self.new_anonymous_id = True
@@ -284,13 +291,16 @@ class RequestTracker(CurrentPerson, Tracker):
     def close(self) -> list[Command]:
         """End the request: return its commands; later ones are sent on their own."""
         if self._deferred:
-            for make in self._deferred:
-                person = self.identity
+            for identity, make in self._deferred:
+                person = self.identity if identity is None else self._explicit(identity)
                 if person:
                     try:
-                        self._buffer.append(make(person))
+                        command = make(person)
                     except (TypeError, ValueError):
                         logger.exception("Kissmetrics: dropped a malformed command")
+                    else:
+                        if command is not None:
+                            self._buffer.append(command)
             self._deferred.clear()
         self._closed = True
         commands, self._buffer = self._buffer, []
@@ -303,7 +313,12 @@ class RequestTracker(CurrentPerson, Tracker):
 
     def _alias_once(self, named: str) -> None:
         anonymous = self.anonymous_id
-        if not anonymous or anonymous == named or (anonymous, named) in self._aliased:
+        if (
+            not anonymous
+            or anonymous == named
+            or named == self.claimed_id  # The browser already holds it as km_ai.
+            or (anonymous, named) in self._aliased
+        ):
             return
         self._aliased = {*self._aliased, (anonymous, named)}
         # Remembered in the session too: logging in again the next day is not a new join.
@@ -321,7 +336,9 @@ class RequestTracker(CurrentPerson, Tracker):
 
     def _person(self, identity: str | None) -> Any:
         if identity is not None:
-            return identity if self.allow_explicit else None
+            if self.awaiting_consent and self.allow_explicit and in_event_loop():
+                return _DEFERRED  # Whether it names the visitor may need the database.
+            return self._explicit(identity)
         if not self.active:
             return None
         if self._identity is None and in_event_loop():
@@ -330,8 +347,32 @@ class RequestTracker(CurrentPerson, Tracker):
             return _DEFERRED
         return self.identity
 
-    def _defer(self, make: Callable[[str], Command]) -> None:
-        self._deferred.append(make)
+    def _defer(self, make: Callable[[str], Command | None], identity: str | None) -> None:
+        self._deferred.append((identity, make))
+
+    def _explicit(self, identity: str) -> str | None:
+        """``identity`` if a call naming it may go: not when it names this visitor, who
+        has not agreed (``CONSENT``), and never under Do Not Track."""
+        if not self.allow_explicit:
+            return None
+        if self.awaiting_consent and self.is_visitor(identity):
+            return None
+        return identity
+
+    def alias(self, identity_a: str, identity_b: str) -> None:
+        """Tie two identities into one person (irreversible; order does not matter).
+
+        While the visitor has not agreed (``CONSENT``), an alias naming them is dropped.
+        """
+        if not self.awaiting_consent:
+            super().alias(identity_a, identity_b)
+        elif self.allow_explicit and in_event_loop():
+            self._defer(
+                lambda a: cmd.make_alias(a, identity_b) if self._explicit(identity_b) else None,
+                identity_a,
+            )
+        elif self._explicit(identity_a) and self._explicit(identity_b):
+            self._emit(cmd.make_alias(identity_a, identity_b))
 
     def _add(self, command: Command) -> None:
         if self._closed:

@@ -313,6 +313,7 @@ def test_the_middleware_decides_once_per_request(rf: RequestFactory, gate: Any) 
 
 def test_a_gated_page_varies_on_the_cookie(client: Client, km_settings: Any) -> None:
     """A shared cache must not give one visitor's loader (live or inert) to another."""
+    client.get("/nothing/")  # The first visit sets km_ai, and varies for that.
     assert "Vary" not in client.get("/nothing/")  # No gate: nothing on the package's account.
     km_settings(CONSENT=BANNER)
     assert "Cookie" in client.get("/nothing/")["Vary"]

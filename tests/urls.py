@@ -15,6 +15,7 @@ urlpatterns = [
     path("js/", views.browser_then_redirect),
     path("atomic/", views.atomic),
     path("signup/", views.signup),
+    path("invite/", views.invite),
     path("boom/", views.boom),
     path("admin/thing/", views.record),
     path("login/", auth_views.LoginView.as_view(template_name="login.html")),
