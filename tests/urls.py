@@ -36,4 +36,6 @@ urlpatterns += [
     path("consent/page/", views.consent_page),
     path("consent/explicit/", views.consent_explicit),
     path("consent/identify/", views.consent_identify),
+    path("consent/named/", views.consent_named),
+    path("consent/async-named/", views.async_consent_named),
 ]

@@ -164,6 +164,22 @@ def consent_identify(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect("/browser/page/")
 
 
+def consent_named(request: HttpRequest) -> HttpResponse:
+    """Calls naming ``?who=`` (perhaps the visitor themself), and one naming a customer."""
+    who = request.GET["who"]
+    km.record("Viewed Page", identity=who)
+    km.set({"plan": "pro"}, identity=who)
+    km.alias(who, "someone@example.com")
+    km.alias("customer-7", who)
+    km.record("Refunded", identity="customer-7")
+    return HttpResponse("ok")
+
+
+async def async_consent_named(request: HttpRequest) -> HttpResponse:
+    """:func:`consent_named` in an async view."""
+    return consent_named(request)
+
+
 def consent_page(request: HttpRequest) -> HttpResponse:
     """The tag and a hand-made banner that accepts or declines on django-cookie-consent's views."""
     return render(request, "consent_page.html")
