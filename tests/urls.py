@@ -16,6 +16,7 @@ urlpatterns = [
     path("atomic/", views.atomic),
     path("signup/", views.signup),
     path("invite/", views.invite),
+    path("cached/", views.cached),
     path("boom/", views.boom),
     path("admin/thing/", views.record),
     path("login/", auth_views.LoginView.as_view(template_name="login.html")),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import secrets
 
 from django.contrib.auth import login
 from django.contrib.auth.models import User
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
+from django.utils.cache import patch_cache_control
 
 from django_kissmetrics import km
 
@@ -59,6 +61,21 @@ def signup(request: HttpRequest) -> HttpResponse:
     user = User.objects.create_user(request.POST["username"], password=request.POST["password"])
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     return HttpResponseRedirect("/")
+
+
+def cached(request: HttpRequest) -> HttpResponse:
+    """A page caches may keep for a minute (``?public=1``: any cache).
+
+    ``?cookie=<name>`` also sets a cookie of the site's own, per visitor.
+    """
+    km.record("Viewed Cached Page")
+    response = HttpResponse("a cached page")
+    patch_cache_control(
+        response, max_age=60, **({"public": True} if "public" in request.GET else {})
+    )
+    if "cookie" in request.GET:
+        response.set_cookie(request.GET["cookie"], secrets.token_hex(8))
+    return response
 
 
 def invite(request: HttpRequest) -> HttpResponse:
