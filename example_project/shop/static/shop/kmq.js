@@ -2,10 +2,13 @@
  * Plays the Kissmetrics JavaScript library's part while the demo sends to its stand-in
  * tracker. The real library is loaded from i.kissmetrics.io, which an offline machine
  * cannot reach and which would send to Kissmetrics, not to the stand-in. Like the real
- * library, it runs the commands {% kissmetrics_js %} queued in _kmq and reads the km_ai
- * cookie the server wrote, so browser-side events land on the same person as the
- * server's. The demo's settings make the tag load it (KISSMETRICS["SCRIPT_URLS"]) while
- * KISSMETRICS["TRACKING_URL"] is the stand-in, with the tracker's URL in ?url=.
+ * library, it runs the commands {% kissmetrics_js %} queued in _kmq and reads the km_ni
+ * and km_ai cookies, so browser-side events land on the same person as the server's.
+ * Its cookies behave as the real library's do: identify(x) without km_ni aliases x to
+ * km_ai and sets km_ni; with km_ni set it writes x into km_ai as well; clearIdentity
+ * deletes km_ai only when km_ni was set, then km_ni. The demo's settings make the tag
+ * load it (KISSMETRICS["SCRIPT_URLS"]) while KISSMETRICS["TRACKING_URL"] is the
+ * stand-in, with the tracker's URL in ?url=.
  */
 (function () {
   "use strict";
@@ -15,7 +18,7 @@
   var script = document.currentScript;
   var base = new URL(script.src).searchParams.get("url");
   var key = window._kmk;
-  var named = null;
+  var FIVE_YEARS = 5 * 365 * 24 * 3600 * 1000;
   var queue = (window._kmq = window._kmq || []);
   if (!Array.isArray(queue)) {
     return; // The real library got here first and owns the queue.
@@ -32,8 +35,21 @@
     return null;
   }
 
-  function send(path, name, properties) {
-    var person = named || cookie("km_ai");
+  function domain() {
+    return window.KM_COOKIE_DOMAIN ? "; domain=" + window.KM_COOKIE_DOMAIN : "";
+  }
+
+  function write(name, value) {
+    document.cookie = name + "=" + encodeURIComponent(value) + "; path=/; expires=" +
+      new Date(Date.now() + FIVE_YEARS).toUTCString() + domain();
+  }
+
+  function erase(name) {
+    document.cookie = name + "=; path=/; expires=Thu, 01 Jan 1970 00:00:00 GMT" + domain();
+  }
+
+  function send(path, name, properties, person) {
+    person = person || cookie("km_ni") || cookie("km_ai");
     if (!person) {
       return;
     }
@@ -58,10 +74,21 @@
   function run(command) {
     switch (command[0]) {
       case "identify":
-        named = command[1];
+        if (cookie("km_ni") === null) {
+          var anonymous = cookie("km_ai");
+          if (anonymous && anonymous !== command[1]) {
+            send("/a", command[1], {}, anonymous);
+          }
+        } else {
+          write("km_ai", command[1]);
+        }
+        write("km_ni", command[1]);
         break;
       case "clearIdentity":
-        named = null;
+        if (cookie("km_ni") !== null) {
+          erase("km_ai");
+        }
+        erase("km_ni");
         break;
       case "record":
         send("/e", command[1], command[2]);
