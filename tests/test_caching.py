@@ -80,6 +80,28 @@ def test_a_public_view_becomes_private_when_it_sets_km_ai(client: Client) -> Non
     assert response["Cache-Control"] == "max-age=60, private"
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Cache-Control": "max-age=60"},
+        {"Cache-Control": "public, max-age=60", "Vary": "Accept-Encoding"},
+        {"Cache-Control": "private", "Vary": "Cookie"},
+        {"Vary": "*"},
+        {"Vary": "accept-language, cookie"},
+    ],
+)
+def test_the_headers_are_what_djangos_functions_write(headers: dict[str, str]) -> None:
+    from django.http import HttpResponse
+    from django.utils.cache import patch_cache_control, patch_vary_headers
+
+    ours, django = HttpResponse(headers=headers), HttpResponse(headers=headers)
+    cookies._not_shared(ours)
+    patch_cache_control(django, private=True)
+    patch_vary_headers(django, ("Cookie",))
+    assert dict(ours.items()) == dict(django.items())
+
+
 # Django's per-site cache.
 
 PER_SITE_CACHE = [
