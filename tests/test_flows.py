@@ -397,6 +397,25 @@ class TestAsync:
         self.fetch(async_client, "/async-record/")
         assert km_outbox[-1].person == str(user.pk)
 
+    @pytest.mark.parametrize("path", ["/async-record/", "/nothing/"])
+    def test_the_library_named_km_ai_under_the_async_client(
+        self, async_client: Any, km_outbox: Any, caplog: pytest.LogCaptureFixture, path: str
+    ) -> None:
+        # Whether km_ai is the user's own identity needs the user: off the event loop.
+        user = User.objects.create_user("asy", password="pw")
+        async_client.force_login(user)
+        async_client.cookies["km_ai"] = async_client.cookies["km_ni"] = str(user.pk)
+        km_outbox.clear()
+        response = self.fetch(async_client, path)
+        assert "km_ai" not in response.cookies
+        assert [c.person for c in km_outbox] == [str(user.pk)] * (path == "/async-record/")
+        assert "Kissmetrics" not in caplog.text
+        # Someone else's identity in km_ai is replaced, under ASGI too.
+        async_client.cookies["km_ai"] = async_client.cookies["km_ni"] = "1234"
+        response = self.fetch(async_client, path)
+        assert response.cookies["km_ai"].value not in ("", "1234")
+        assert "Kissmetrics" not in caplog.text
+
     def test_asgi_application(self, km_outbox: Any) -> None:
         import asyncio
 
