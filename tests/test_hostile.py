@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import unquote, urlencode
 
 import pytest
+from django.contrib.auth import login
+from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, parse_cookie
 from django.test import Client
 from django.urls import path
@@ -80,11 +82,18 @@ def page_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse("ok")
 
 
+def login_view(request: HttpRequest) -> HttpResponse:
+    user = User.objects.get(username=_body(request)["username"])
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    return HttpResponse("ok")
+
+
 urlpatterns = [
     path("record/", record_view),
     path("identify/", identify_view),
     path("explicit/", explicit_view),
     path("page/", page_view),
+    path("login/", login_view),
 ]
 
 # The documented normalisation, restated independently of the package.
@@ -280,6 +289,42 @@ def test_forged_cookie_and_user_agent(km_outbox: list[Command], cookie: str, age
         fresh = anonymous_id(response)
         assert re.fullmatch(r"[A-Za-z0-9+/]{27}=", fresh)
         assert command.person == fresh
+
+
+@HYPOTHESIS
+@given(
+    forged=st.one_of(
+        st.just("<the other user>"),
+        st.integers(0, 10**40).map(str),
+        st.from_regex(r"[A-Za-z0-9+/=]{1,19}", fullmatch=True),
+        st.from_regex(r"[A-Za-z0-9+/=%]{1,60}", fullmatch=True),
+    ),
+    with_ni=st.booleans(),
+)
+def test_a_forged_km_ai_never_joins_two_people_at_login(
+    km_outbox: list[Command], forged: str, with_ni: bool
+) -> None:
+    other, _ = User.objects.get_or_create(username="other")
+    ann, _ = User.objects.get_or_create(username="ann")
+    if forged == "<the other user>":
+        forged = str(other.pk)
+    header = f"km_ai={forged}" + (f"; km_ni={forged}" if with_ni else "")
+    km_outbox.clear()
+    client = Client(HTTP_COOKIE=header)
+    response = client.post("/login/", json.dumps({"username": "ann"}), "application/json")
+    assert response.status_code == 200
+    sent = unquote(parse_cookie(header).get("km_ai", ""))
+    aliases = [(c.person, c.name) for c in km_outbox if c.kind == "alias"]
+    trusted = re.fullmatch(r"[A-Za-z0-9+/=]{20,255}", sent) and not sent.isdigit()
+    if trusted and not with_ni:
+        # An unguessable id: the visitor's own anonymous history, joined at login.
+        assert aliases == [(sent, str(ann.pk))]
+    else:
+        # Anything else (a number, a short value, the library's named km_ai) is replaced:
+        # the alias joins the fresh id, never the forged value or another user.
+        assert aliases == [(anonymous_id(response), str(ann.pk))]
+        assert sent not in aliases[0]
+    assert str(other.pk) not in {side for pair in aliases for side in pair}
 
 
 @pytest.mark.parametrize("blank", ["", " ", "\t\n", "\u3000\xa0"])
