@@ -167,8 +167,10 @@ def write_cookies(tracker: RequestTracker, response: HttpResponseBase) -> None:
     request = tracker.request
     # Only new_anonymous_id() sets it when new_anonymous_id is true: Base64.
     set_anonymous_cookie(response, request, encode_base64_id(tracker.anonymous_id))
-    if tracker.logged_out:
-        delete_cookies(response, request, ["km_ni"])
+    if tracker.logged_out or (claimed is not None and _LIBRARY_NAMED in request.COOKIES):
+        # The library reads km_ni before km_ai: left in place, it would go on recording
+        # this browser's events under the person named there.
+        delete_cookies(response, request, [_LIBRARY_NAMED])
 
 
 def keep_browser_commands(tracker: RequestTracker) -> None:

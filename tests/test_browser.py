@@ -381,3 +381,39 @@ def test_one_km_ai_and_one_person_through_login_later_pages_and_logout(
     assert km_ai_set_since(after) == []
     assert len(km_page.cookies("km_ai")) == 1
     assert [h.path for h in over_http.hits].count("/a") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_next_visitor_after_a_session_ends_without_logout_is_someone_new(
+    km_page: BrowserPage, over_http: StandInTracker
+) -> None:
+    """The session expires while km_ai and km_ni hold the user's identity."""
+    host = "www.shop.test"
+    user = User.objects.create_user("ann", password="a-long-password-1")
+    me = str(user.pk)
+    km_page.goto("/login/", host)
+    km_page.page.fill("#id_username", "ann")
+    km_page.page.fill("#id_password", "a-long-password-1")
+    with km_page.page.expect_navigation():
+        km_page.page.click("button[type=submit]")
+    km_page.library()
+    km_page.goto("/browser/page/", host)
+    km_page.library()
+    assert km_page.cookie("km_ai") == km_page.cookie("km_ni") == me
+
+    kept = [c for c in km_page.context.cookies() if c["name"] != "sessionid"]
+    km_page.context.clear_cookies()
+    km_page.context.add_cookies(kept)  # type: ignore[arg-type]
+    km_page.goto("/record/?event=Someone+Else", host)
+    km_page.goto("/browser/page/", host)
+    library = km_page.library()
+    fresh = km_page.cookie("km_ai")
+    assert fresh not in (None, me)
+    assert km_page.cookie("km_ni") is None
+    assert library.identity == fresh  # The library no longer tracks this browser as ann.
+    (hit,) = hits_named(over_http, "Someone Else", 3)
+    assert hit.person == fresh
+    assert len(km_page.cookies("km_ai")) == 1
+    assert [(h.person, h.name) for h in over_http.hits if h.path == "/a"] == [
+        (over_http.hits[0].person, me)
+    ]

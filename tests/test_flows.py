@@ -254,6 +254,7 @@ def test_another_users_identity_in_km_ai_is_replaced(client: Client, live: Stand
     response = client.get("/record/?event=Browsed")
     fresh = cookie_id(response)
     assert fresh != str(victim.pk)
+    assert response.cookies["km_ni"]["max-age"] == 0  # The library must not go on as him.
     assert summary(live.hits) == [("/e", str(user.pk), "Browsed")]
     assert all(str(victim.pk) not in (h.person, h.name) for h in live.hits)
 
