@@ -131,6 +131,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     problem = _spool_problem(conf)
     if problem is not None:
         messages.append(problem)
+    if "*" in getattr(settings, "ALLOWED_HOSTS", []) and not conf.COOKIE_DOMAIN:
+        messages.append(
+            Warning(
+                'ALLOWED_HOSTS holds "*" and KISSMETRICS["COOKIE_DOMAIN"] is not set: the '
+                "km_ai cookie is host-only, and the tag sets no KM_COOKIE_DOMAIN, for a "
+                "host ALLOWED_HOSTS does not name (the request names any host it likes).",
+                hint='Set KISSMETRICS["COOKIE_DOMAIN"] (".example.com"), or list your '
+                "hosts in ALLOWED_HOSTS.",
+                id="django_kissmetrics.W005",
+            )
+        )
     middleware = list(getattr(settings, "MIDDLEWARE", []))
     if MIDDLEWARE not in middleware:
         messages.append(

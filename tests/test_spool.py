@@ -309,7 +309,9 @@ def test_broker_and_tracker_down_with_a_deploy_inside_the_outage(
             sent += [visit(new, f"New process {n}") for n in range(10)]
             time.sleep(2.0)  # The outage lasts a while.
             assert len(tracker.hits) == 1
-            status = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600, api_key="test-key").status()
+            status = spool.Spool(
+                tmp_path, max_bytes=10**9, max_age=3600, api_key="test-key"
+            ).status()
             assert status.commands == 20
             own_broker.start()
             tracker.start()

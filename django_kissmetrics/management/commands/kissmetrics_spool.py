@@ -31,7 +31,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         """``status``, ``replay`` or ``purge --older-than AGE``."""
         sub = parser.add_subparsers(dest="action", required=True)
-        sub.add_parser("status", help="Entries, commands, bytes, the oldest command, other keys' entries.")
+        sub.add_parser("status", help="Entries, commands, bytes, the oldest; other keys'.")
         sub.add_parser("replay", help="Publish every due entry to the broker now.")
         purge = sub.add_parser("purge", help="Drop entries (logged at ERROR and signalled).")
         purge.add_argument(
