@@ -126,9 +126,6 @@ def _corrupt(exc: sqlite3.DatabaseError) -> bool:
     return type(exc) is sqlite3.DatabaseError
 
 
-_UMASK_HINT = "group and others must have no access"
-
-
 def folder_problem(directory: str | os.PathLike[str]) -> str | None:
     """What makes ``directory`` unfit for the spool, with the fix; ``None``: fit or absent.
 
@@ -151,7 +148,9 @@ def folder_problem(directory: str | os.PathLike[str]) -> str | None:
     if not stat.S_ISDIR(info.st_mode):
         return f"the spool folder {path} is not a folder: {fix}"
     uid = _uid()
-    if uid is not None and info.st_uid != uid:
+    if uid is None:
+        return None  # Windows: no owner ids and no mode bits to check.
+    if info.st_uid != uid:
         return (
             f"the spool folder {path} belongs to user id {info.st_uid}, not to this "
             f"process's user ({uid}): {fix}"
@@ -159,7 +158,8 @@ def folder_problem(directory: str | os.PathLike[str]) -> str | None:
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         return (
-            f"the spool folder {path} has mode {mode:04o}; {_UMASK_HINT}: "
+            f"the spool folder {path} has mode {mode:04o}; group and others must have "
+            f"no access: "
             f"run chmod 700 {path} (or remove it)"
         )
     return None
@@ -384,19 +384,13 @@ class Spool:
         mine, keys = self._mine()
 
         def take(db: sqlite3.Connection) -> tuple[list[Entry], list[tuple[int, str]]]:
-            entries: list[Entry] = []
-            bad: list[tuple[int, str]] = []
             with self._transaction(db):
                 rows = db.execute(
                     f"SELECT id, payload FROM entries WHERE {mine} AND not_before <= ?"
                     " AND (claimed_at IS NULL OR claimed_at < ?) ORDER BY oldest, id LIMIT ?",
                     (*keys, now, now - LEASE, limit),
                 ).fetchall()
-                for entry_id, payload in rows:
-                    try:
-                        entries.append(Entry(entry_id, parse(payload)))
-                    except ValueError as exc:
-                        bad.append((entry_id, str(exc)))
+                entries, bad = _read(rows)
                 self._quarantine_rows(db, bad, now)
                 db.executemany(
                     "UPDATE entries SET claimed_by = ?, claimed_at = ? WHERE id = ?",
@@ -488,22 +482,28 @@ class Spool:
         where, params = ("1", ()) if older_than <= 0 else ("newest <= ?", (cutoff,))
 
         def remove(db: sqlite3.Connection) -> tuple[list[Command], list[tuple[int, str]]]:
-            dropped: list[Command] = []
-            bad: list[tuple[int, str]] = []
             with self._transaction(db):
                 rows = db.execute(f"SELECT id, payload FROM entries WHERE {where}", params)
-                for entry_id, payload in rows.fetchall():
-                    try:
-                        dropped.extend(parse(payload))
-                    except ValueError as exc:
-                        bad.append((entry_id, str(exc)))
+                entries, bad = _read(rows.fetchall())
                 self._quarantine_rows(db, bad, time.time())
                 db.execute(f"DELETE FROM entries WHERE {where}", params)
-            return dropped, bad
+            return [c for entry in entries for c in entry.commands], bad
 
         dropped, bad = self._run(remove)
         self._report(bad)
         return dropped
+
+
+def _read(rows: Sequence[tuple[int, object]]) -> tuple[list[Entry], list[tuple[int, str]]]:
+    """Each row as an entry, one by one; the ones that cannot be read, with why."""
+    entries: list[Entry] = []
+    bad: list[tuple[int, str]] = []
+    for entry_id, payload in rows:
+        try:
+            entries.append(Entry(entry_id, parse(payload)))
+        except ValueError as exc:
+            bad.append((entry_id, str(exc)))
+    return entries, bad
 
 
 def parse(payload: object) -> list[Command]:
