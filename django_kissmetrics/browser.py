@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import datetime as dt
+import decimal
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import commands as cmd
@@ -10,10 +15,24 @@ from . import commands as cmd
 if TYPE_CHECKING:
     from .tracker import RequestTracker
 
-__all__ = ["SESSION_BROWSER", "BrowserCommands"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MAX_SESSION_BYTES",
+    "MAX_SESSION_COMMANDS",
+    "SESSION_BROWSER",
+    "BrowserCommands",
+    "bounded",
+    "json_value",
+]
 
 #: The session key holding browser commands that wait for a page rendering the tag.
 SESSION_BROWSER = "_km_browser"
+#: The most browser commands the session keeps for the next page; older ones are dropped.
+MAX_SESSION_COMMANDS = 32
+#: The most bytes (as JSON) they take there: a signed-cookie session must stay under
+#: the browser's 4 KB cookie limit with everything else it holds.
+MAX_SESSION_BYTES = 2048
 
 
 class BrowserCommands:
@@ -45,7 +64,65 @@ def _browser_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(properties, Mapping):
         raise TypeError(f"Kissmetrics properties must be a dict, not {type(properties).__name__}")
     return {
-        cmd._truncate(cmd._clean_text(str(k)), cmd.MAX_NAME_LENGTH, "property name"): v
+        cmd._truncate(cmd._clean_text(str(k)), cmd.MAX_NAME_LENGTH, "property name"): json_value(v)
         for k, v in properties.items()
         if v is not None
     }
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as a JSON type, when queued: the session stores it and the page reads it.
+
+    Text, whole numbers, finite floats and booleans are kept; a ``Decimal`` becomes a
+    number, a datetime ISO text (UTC, as on the server side), lists and dicts are
+    converted item by item, and anything else becomes its text.
+    """
+    if value is None or type(value) in (str, int, bool):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)  # An IntEnum, say: its plain number.
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (float, decimal.Decimal)):
+        try:
+            number = float(value)
+        except ValueError:  # A signalling NaN.
+            number = math.nan
+        # NaN and infinities have no JSON form: their text, as the server side sends.
+        return number if math.isfinite(number) else str(value)
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return cmd._value(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    return str(value)
+
+
+def bounded(queued: Sequence[list[Any]]) -> list[list[Any]]:
+    """The newest of ``queued`` that fit :data:`MAX_SESSION_COMMANDS` and
+    :data:`MAX_SESSION_BYTES`; what is dropped is logged at WARNING."""
+    kept: list[list[Any]] = []
+    size = 0
+    for command in reversed(queued):
+        if len(kept) >= MAX_SESSION_COMMANDS:
+            break
+        # default=str: a value queued by an older version, or pushed raw, still sizes.
+        size += len(json.dumps(command, default=str, separators=(",", ":")))
+        if size > MAX_SESSION_BYTES:
+            break
+        kept.append(command)
+    kept.reverse()
+    if len(kept) < len(queued):
+        dropped = queued[: len(queued) - len(kept)]
+        logger.warning(
+            "Kissmetrics: %d browser command(s) dropped, the oldest waiting for a page "
+            "(the session keeps at most %d, %d bytes): %s",
+            len(dropped),
+            MAX_SESSION_COMMANDS,
+            MAX_SESSION_BYTES,
+            ", ".join(sorted({str(c[0]) if c else "?" for c in dropped})),
+        )
+    return kept

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
 
-from .conf import ConfigurationError, get_settings
+from .conf import ConfigurationError, Settings, get_settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -88,6 +88,23 @@ def _consent_problem(path: str) -> CheckMessage | None:
     )
 
 
+def _spool_problem(conf: Settings) -> CheckMessage | None:
+    if conf.ON_ENQUEUE_FAILURE == "log":
+        return None
+    from .spool import default_dir, folder_problem
+
+    problem = folder_problem(conf.SPOOL_DIR or default_dir())
+    if problem is None:
+        return None
+    return Error(
+        f"{problem[0].upper()}{problem[1:]}. The spool is not used: commands the broker "
+        "does not take are logged instead.",
+        hint="The spool holds people's identities and properties: it must be a folder "
+        "of this user's own, mode 0700 (Troubleshooting, in the README).",
+        id="django_kissmetrics.E005",
+    )
+
+
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """The checks: a valid setting, an API key, a usable backend, the middleware in place."""
     messages: list[CheckMessage] = []
@@ -111,6 +128,20 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         problem = _consent_problem(conf.CONSENT)
         if problem is not None:
             messages.append(problem)
+    problem = _spool_problem(conf)
+    if problem is not None:
+        messages.append(problem)
+    if "*" in getattr(settings, "ALLOWED_HOSTS", []) and not conf.COOKIE_DOMAIN:
+        messages.append(
+            Warning(
+                'ALLOWED_HOSTS holds "*" and KISSMETRICS["COOKIE_DOMAIN"] is not set: the '
+                "km_ai cookie is host-only, and the tag sets no KM_COOKIE_DOMAIN, for a "
+                "host ALLOWED_HOSTS does not name (the request names any host it likes).",
+                hint='Set KISSMETRICS["COOKIE_DOMAIN"] (".example.com"), or list your '
+                "hosts in ALLOWED_HOSTS.",
+                id="django_kissmetrics.W005",
+            )
+        )
     middleware = list(getattr(settings, "MIDDLEWARE", []))
     if MIDDLEWARE not in middleware:
         messages.append(

@@ -220,12 +220,17 @@ class KissmetricsClient:
     def send(self, command: Command, *, dated: bool = True) -> int:
         """Send one command; return the server's (2xx) status. ``dated=False``: no ``_t``."""
         target = self._target(command, dated)
+        failure: str | None = None
         try:
             response = _transport(self.url).get(
                 f"{self.url}{target}", f"{self._prefix}{target}", self._timeout
             )
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TrackingError(f"{type(exc).__name__}: {exc}") from exc
+            failure = _described(exc)
+        if failure is not None:
+            # Raised out here, with neither cause nor context: their text (and so any
+            # traceback) holds the URL, with _k and the person's identity and properties.
+            raise TrackingError(failure)
         if not 200 <= response.status < 300:
             raise TrackingError(
                 f"tracking server answered {response.status}",
@@ -293,6 +298,30 @@ class KissmetricsClient:
         except TrackingError as exc:
             return command, exc
         return None
+
+
+def _described(exc: BaseException) -> str:
+    """A connection error as its type and, when the system gave one, its reason.
+
+    Never the exception's own text: requests and urllib3 put the full URL in it.
+    """
+    names = [type(exc).__name__]
+    reason = None
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen and len(names) < 6:
+        seen.add(id(cause))
+        if cause is not exc and type(cause).__name__ not in names:
+            names.append(type(cause).__name__)
+        if isinstance(cause, OSError) and cause.strerror and reason is None:
+            reason = cause.strerror  # "Connection refused": the system's words, no URL.
+        # urllib3 keeps the error inside as reason or original_error, requests as an
+        # argument; Python as the cause or the context.
+        inner = [getattr(cause, "reason", None), getattr(cause, "original_error", None)]
+        inner += [*cause.args, cause.__cause__, cause.__context__]
+        cause = next((e for e in inner if isinstance(e, BaseException)), None)
+    text = f"connection failed: {' < '.join(names)}"
+    return f"{text} ({reason})" if reason else text
 
 
 def _path_of(url: str) -> str:

@@ -77,7 +77,9 @@ class Settings:
         "django_kissmetrics.identity.user_identity", "Dotted path of user -> identity."
     )
     COOKIE_NAME: str = _key("km_ai", "The anonymous-id cookie the JavaScript library reads.")
-    COOKIE_DOMAIN: str | None = _key(None, "Domain of the cookie; None: the request's host.")
+    COOKIE_DOMAIN: str | None = _key(
+        None, "Domain of the cookie; None: the request's host, if ALLOWED_HOSTS names it."
+    )
     COOKIE_MAX_AGE: int = _key(FIVE_YEARS, "Lifetime of the cookie, in seconds.", minimum=0)
     SIGNUP_EVENT: str | None = _key("Signed Up", "Recorded on signup; None: none.")
     LOGIN_EVENT: str | None = _key("Logged In", "Recorded on login; None: none.")
@@ -100,7 +102,7 @@ class Settings:
     )
     SPOOL_DIR: str | None = _key(
         None,
-        "Folder of the spool; None: one under the temp folder, named for the project.",
+        "Folder of the spool (this user's, 0700); None: one per site under the temp folder.",
         accepts=(str, PurePath, _NONE),
         convert=_path,
     )

@@ -15,6 +15,7 @@ from typing import Any
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
+from django.http.request import split_domain_port, validate_host
 from django.utils.cache import patch_cache_control, patch_vary_headers
 from django.utils.http import http_date
 
@@ -38,7 +39,11 @@ _HOST_SETTINGS = frozenset(
 
 
 def cookie_domain_for(request: HttpRequest) -> str | None:
-    """The ``Domain`` of ``km_ai`` for this request (``None``: host-only)."""
+    """The ``Domain`` of ``km_ai`` for this request (``None``: host-only).
+
+    ``COOKIE_DOMAIN`` when set; else the request's host, when it matches an
+    ``ALLOWED_HOSTS`` entry other than ``"*"``; else ``None``.
+    """
     configured = get_settings().COOKIE_DOMAIN
     if configured:
         return configured
@@ -54,12 +59,26 @@ def cookie_domain_for(request: HttpRequest) -> str | None:
         host = request.get_host()
     except Exception:  # DisallowedHost: Django answers 400 elsewhere; no Domain here.
         return None
-    domain = cookie_domain(host, None)
+    domain = cookie_domain(host, None) if _named_host(host) else None
     if key[1]:  # Without a Host header get_host() uses SERVER_NAME: not worth a key.
         if len(_domains) >= 256:
             _domains.clear()  # Bounded, whatever hosts ALLOWED_HOSTS lets in.
         _domains[key] = domain
     return domain
+
+
+def _named_host(host: str) -> bool:
+    """``host`` matches an ``ALLOWED_HOSTS`` entry other than ``"*"``.
+
+    A ``Domain`` follows the request's host only then: with ``"*"`` (or a honoured
+    ``X-Forwarded-Host``) the host is whatever the request names, and a cookie for
+    ``Domain=github.io`` would reach every site under it.
+    """
+    from django.conf import settings
+
+    name, _ = split_domain_port(host)
+    allowed = [h for h in settings.ALLOWED_HOSTS if h != "*"]
+    return bool(name) and validate_host(name, allowed)
 
 
 def delete_cookies(response: HttpResponseBase, request: HttpRequest, names: list[str]) -> None:

@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django.utils.cache import patch_vary_headers
 
 from .backends import get_backend
-from .browser import SESSION_BROWSER
+from .browser import SESSION_BROWSER, bounded
 from .conf import get_settings
 from .consent import agreed
 from .cookies import delete_cookies, set_anonymous_cookie
@@ -34,14 +34,16 @@ _bots: dict[str, bool] = {}
 
 
 def _is_bot(agent: str, pattern: re.Pattern[str]) -> bool:
+    # Keyed on what is matched: a 64 KB agent is kept as its first 512 characters.
+    key = agent[:512]
     try:
-        return _bots[agent]
+        return _bots[key]
     except KeyError:
         pass
-    answer = pattern.search(agent[:512]) is not None
+    answer = pattern.search(key) is not None
     if len(_bots) >= 1024:
         _bots.clear()  # Bounded, whatever agents visitors send.
-    _bots[agent] = answer
+    _bots[key] = answer
     return answer
 
 
@@ -143,16 +145,33 @@ def _held(request: HttpRequest, cookie_name: str) -> list[str]:
 _SESSION_KEYS = (SESSION_BROWSER, SESSION_IDENTITY, SESSION_ALIASED)
 
 
+#: A cookie name a ``Set-Cookie`` header can carry (an RFC 6265 token).
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: The most cookies one response deletes: a visitor (or a sibling subdomain) can send
+#: any number of ``km_*`` cookies.
+MAX_DELETED_COOKIES = 32
+
+
 def forget(tracker: RequestTracker, response: HttpResponseBase) -> None:
-    """Consent withdrawn: delete the visitor's Kissmetrics cookies and what the session kept."""
+    """Consent withdrawn: drop what the session kept, then delete the Kissmetrics cookies.
+
+    Only names a header can carry, at most :data:`MAX_DELETED_COOKIES`, ``COOKIE_NAME``
+    and ``km_ni`` first; one that cannot be deleted does not stop the others.
+    """
     request = tracker.request
-    name = get_settings().COOKIE_NAME
-    delete_cookies(response, request, sorted({name, "km_ni", *_held(request, name)}))
     session = stored_session(request)
     if session is not None:
         # A fresh start: a later agreement is a new anonymous person, not the old one.
         for key in _SESSION_KEYS:
             session.pop(key, None)
+    name = get_settings().COOKIE_NAME
+    held = sorted(n for n in _held(request, name) if n not in (name, "km_ni"))
+    names = [n for n in (name, "km_ni", *held) if _COOKIE_NAME.fullmatch(n)]
+    for cookie in names[:MAX_DELETED_COOKIES]:
+        try:
+            delete_cookies(response, request, [cookie])
+        except Exception:
+            logger.warning("Kissmetrics: could not delete the cookie %r", cookie[:64])
 
 
 def write_cookies(tracker: RequestTracker, response: HttpResponseBase) -> None:
@@ -185,7 +204,7 @@ def keep_browser_commands(tracker: RequestTracker) -> None:
             len(tracker.browser),
         )
         return
-    session[SESSION_BROWSER] = [*session.get(SESSION_BROWSER, []), *tracker.browser]
+    session[SESSION_BROWSER] = bounded([*session.get(SESSION_BROWSER, []), *tracker.browser])
 
 
 def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import json
 import logging
 import os
 import threading
@@ -162,6 +163,8 @@ class Publisher:
         #: Held while a batch is being published, so that a caller publishing at stop
         #: waits for the thread's batch in flight rather than racing it.
         self._publishing = threading.Lock()
+        #: The commands being published now (by the thread or a caller at stop).
+        self.in_flight: Sequence[Command] = ()
         #: The broker failed: new batches go straight to the spool until a probe works.
         self.outage = False
         self._probe = PROBE_FIRST
@@ -200,21 +203,46 @@ class Publisher:
             self._replay_at = due
         self._wake.set()
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Publish everything submitted so far; wait at most ``timeout`` seconds."""
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Publish everything submitted so far; wait at most ``timeout`` seconds.
+
+        False when the thread did not finish in time.
+        """
         if not self.thread.is_alive():
-            return
+            return True
         done = threading.Event()
         self._waiters.append(done)
         self._hurry.set()
         self._wake.set()
-        done.wait(timeout)
+        return done.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Flush and end the thread."""
         self._stopping = True
         self.flush(timeout)
         self.thread.join(timeout)
+
+    def flush_or_report(self, timeout: float, when: str) -> bool:
+        """:meth:`flush`; then log at ERROR, in full, whatever the thread still holds.
+
+        At a stop or at exit: the process may end before the thread publishes what it
+        did not get to within ``timeout`` (a machine so busy that the thread is not
+        scheduled, a broker that hangs), and that must not go unseen. True when nothing
+        was left.
+        """
+        if self.flush(timeout):
+            return True
+        held = [*self.in_flight, *(c for batch in list(self.pending) for c in batch)]
+        if held:
+            logger.error(
+                "Kissmetrics: %d command(s) not yet published %.1f s after %s; they are "
+                "lost if the process ends before the publisher thread sends them: %s",
+                len(held),
+                timeout,
+                when,
+                json.dumps([c.to_dict() for c in held], ensure_ascii=False),
+            )
+        return not held
 
     def _publish_pending(self) -> None:
         batch: list[Command] = []
@@ -224,12 +252,16 @@ class Publisher:
             self._broker_failed(*self.unqueued.popleft())
         for start in range(0, len(batch), MAX_BATCH):
             chunk = batch[start : start + MAX_BATCH]
-            if self.outage:
-                from .spool import keep
+            self.in_flight = chunk
+            try:
+                if self.outage:
+                    from .spool import keep
 
-                keep(chunk, None, "broker down")
-            elif publish(chunk) is False:
-                self._broker_failed()
+                    keep(chunk, None, "broker down")
+                elif publish(chunk) is False:
+                    self._broker_failed()
+            finally:
+                self.in_flight = ()
 
     def _broker_failed(
         self, commands: Sequence[Command] = (), exc: BaseException | None = None
@@ -316,6 +348,8 @@ def get_publisher() -> Publisher:
             if _publisher is None:
                 conf = get_settings()
                 _publisher = Publisher(conf.PUBLISH_QUEUE_SIZE, conf.PUBLISH_WINDOW)
+                # A stop signalled while it was being made saw no publisher to tell.
+                _publisher.stop_signalled = _publisher.stop_signalled or _stop_signalled
     return _publisher
 
 
@@ -339,7 +373,7 @@ _stop_signalled = False
 
 
 def stop_signalled(timeout: float = 5.0) -> None:
-    """The process is stopping: flush now, and publish every later submission at once."""
+    """The process is stopping: publish now, and publish every later submission at once."""
     global _stop_signalled
     _stop_signalled = True
     current = _publisher
@@ -347,7 +381,16 @@ def stop_signalled(timeout: float = 5.0) -> None:
         return
     current.stop_signalled = True
     if threading.current_thread() is not current.thread:
-        current.flush(timeout)
+        # The thread publishes, not this one: a signal handler can interrupt a thread
+        # that holds the broker connection's locks, and would then wait on itself.
+        current.flush_or_report(timeout, "a stop was signalled")
+
+
+def _at_exit(timeout: float = 5.0) -> None:
+    # The last chance: the publisher thread is a daemon, gone with the interpreter.
+    current = _publisher
+    if current is not None and threading.current_thread() is not current.thread:
+        current.flush_or_report(timeout, "the process began to exit")
 
 
 def _after_fork() -> None:
@@ -364,6 +407,6 @@ os.register_at_fork(after_in_child=_after_fork)
 # This is the hook concurrent.futures itself uses; atexit is the fallback.
 _register = getattr(threading, "_register_atexit", None)
 if _register is not None:
-    _register(flush)
+    _register(_at_exit)
 else:  # pragma: no cover
-    atexit.register(flush)
+    atexit.register(_at_exit)
