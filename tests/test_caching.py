@@ -289,7 +289,6 @@ class Browser:
         return response
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_nginx_proxy_cache_three_visitors_keep_their_own_ids(
     proxied_site: str, tracker: StandInTracker
@@ -318,7 +317,6 @@ def test_nginx_proxy_cache_three_visitors_keep_their_own_ids(
     assert {hit.person for hit in tracker.hits} <= owners
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_nginx_proxy_cache_replays_a_cookie_that_is_not_private(proxied_site: str) -> None:
     """The control: this nginx does hand one visitor's cookie to the next, when the
