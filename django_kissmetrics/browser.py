@@ -103,7 +103,14 @@ def json_value(value: Any) -> Any:
 
 def bounded(queued: Sequence[list[Any]]) -> list[list[Any]]:
     """The newest of ``queued`` that fit :data:`MAX_SESSION_COMMANDS` and
-    :data:`MAX_SESSION_BYTES`; what is dropped is logged at WARNING."""
+    :data:`MAX_SESSION_BYTES`; what is dropped is logged at WARNING.
+
+    A ``clearIdentity`` (a logout) is always kept, once: without it the library would
+    go on as the person who logged out.
+    """
+    clear = [c for c in queued if c and c[0] == "clearIdentity"][:1]
+    if clear:
+        queued = [c for c in queued if not c or c[0] != "clearIdentity"]
     kept: list[list[Any]] = []
     size = 0
     for command in reversed(queued):
@@ -125,4 +132,4 @@ def bounded(queued: Sequence[list[Any]]) -> list[list[Any]]:
             MAX_SESSION_BYTES,
             ", ".join(sorted({str(c[0]) if c else "?" for c in dropped})),
         )
-    return kept
+    return [*clear, *kept]

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import pytest
+from django.contrib.auth import logout
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -77,6 +78,11 @@ def search(request: HttpRequest) -> HttpResponse:
     return HttpResponse("ok")
 
 
+def logout_then_redirect(request: HttpRequest) -> HttpResponse:
+    logout(request)
+    return HttpResponseRedirect("/nothing/")
+
+
 def identify(request: HttpRequest) -> HttpResponse:
     km.identify("ann@example.com")
     km.js.record("Viewed", {"plan": "pro"})
@@ -90,6 +96,7 @@ urlpatterns = [
     path("nothing/", nothing),
     path("search/", search),
     path("identify/", identify),
+    path("logout/", logout_then_redirect),
 ]
 
 
@@ -147,6 +154,21 @@ def test_the_session_keeps_only_the_newest_browser_commands(
     clicks = [c[2]["n"] for c in pushed(html) if c[:2] == ["record", "Clicked"]]
     assert clicks == list(range(200 - len(clicks), 200))  # The newest, in order.
     assert any("browser command(s) dropped" in w for w in warnings(caplog))
+
+
+def test_a_logout_is_never_dropped_from_the_queue(django_user_model: Any) -> None:
+    user = django_user_model.objects.create_user("ann", password="pw")
+    client = Client()
+    client.force_login(user)
+    client.get("/nothing/")
+    client.get("/logout/")  # clearIdentity, waiting in the session for a page.
+    for n in range(100):
+        client.get("/click/", {"n": n})
+    commands = pushed(client.get("/page/").content.decode())
+    assert commands[0] == ["clearIdentity"]  # First, though it is the oldest.
+    clicks = [c[2]["n"] for c in commands if c[:2] == ["record", "Clicked"]]
+    assert clicks == list(range(100 - len(clicks), 100))
+    assert len(commands) <= 1 + MAX_SESSION_COMMANDS
 
 
 # Consent withdrawn with forged cookies.
