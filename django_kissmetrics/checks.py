@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from django.apps import apps
 from django.conf import settings
@@ -88,6 +89,71 @@ def _consent_problem(path: str) -> CheckMessage | None:
     )
 
 
+CSP_MIDDLEWARE = "django.middleware.csp.ContentSecurityPolicyMiddleware"
+
+
+def _host(url: str) -> str:
+    """The host of a script or tracking URL; ``""`` for a path of this site."""
+    return urlsplit(url if "//" in url else "").hostname or ""
+
+
+def _allows(sources: list[str], host: str) -> bool:
+    """A CSP source list lets the browser load from ``host`` (``""``: this site)."""
+    for source in (str(s).strip("'").lower() for s in sources):
+        if source in ("*", "https:", "http:", "strict-dynamic"):
+            return True
+        if not host:
+            if source == "self":
+                return True
+            continue
+        name = source.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        if name == host or (name.startswith("*.") and host.endswith(name[1:])):
+            return True
+    return False
+
+
+def _csp_problems(conf: Any) -> list[CheckMessage]:
+    """Django's own CSP (6.0+) in force without what the tag and the library need."""
+    if CSP_MIDDLEWARE not in getattr(settings, "MIDDLEWARE", []):
+        return []
+    from django.utils.csp import CSP  # type: ignore[import-not-found,unused-ignore]
+
+    messages: list[CheckMessage] = []
+    for name in ("SECURE_CSP", "SECURE_CSP_REPORT_ONLY"):
+        policy = getattr(settings, name, None) or {}
+        # A directive left out falls back to default-src; without that, anything goes.
+        default = policy.get("default-src")
+        scripts = policy.get("script-src", default)
+        images = policy.get("img-src", default)
+        if scripts is not None and CSP.NONCE not in scripts:
+            messages.append(
+                Warning(
+                    f'{name}["script-src"] has no CSP.NONCE: the browser refuses the '
+                    "{% kissmetrics_js %} script.",
+                    hint='Add CSP.NONCE to "script-src" (Content Security Policy, in the README).',
+                    id="django_kissmetrics.W005",
+                )
+            )
+        missing = [
+            f"script-src {_host(url) or 'self'}"
+            for url in conf.SCRIPT_URLS
+            if scripts is not None and not _allows(scripts, _host(url))
+        ]
+        tracker = urlsplit(conf.TRACKING_URL).hostname or ""
+        if images is not None and not _allows(images, tracker):
+            missing.append(f"img-src {tracker}")
+        if missing:
+            messages.append(
+                Warning(
+                    f"{name} does not allow what the Kissmetrics library loads: "
+                    f"{', '.join(missing)}.",
+                    hint="Add those hosts (Content Security Policy, in the README).",
+                    id="django_kissmetrics.W006",
+                )
+            )
+    return messages
+
+
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """The checks: a valid setting, an API key, a usable backend, the middleware in place."""
     messages: list[CheckMessage] = []
@@ -107,6 +173,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         problem = _celery_problem()
         if problem is not None:
             messages.append(problem)
+    if conf.enabled:
+        messages += _csp_problems(conf)
     if conf.CONSENT is not None:
         problem = _consent_problem(conf.CONSENT)
         if problem is not None:

@@ -157,3 +157,61 @@ def test_a_site_without_contrib_auth_starts_and_tracks() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[]", "200 True", "[('record', 'Viewed Home')]"]
+
+
+needs_django_csp = pytest.mark.skipif(
+    __import__("django").VERSION < (6, 0), reason="Django's own CSP is Django 6.0+"
+)
+
+
+def csp_ids(**policy: list[str]) -> list[str]:
+    return ids(
+        MIDDLEWARE=["django.middleware.csp.ContentSecurityPolicyMiddleware", *settings.MIDDLEWARE],
+        SECURE_CSP=policy,
+    )
+
+
+@needs_django_csp
+def test_djangos_csp_with_the_readme_policy_passes() -> None:
+    from django.utils.csp import CSP
+
+    hosts = ["https://i.kissmetrics.io", "scripts.kissmetrics.io"]
+    assert (
+        csp_ids(
+            **{
+                "default-src": [CSP.SELF],
+                "script-src": [CSP.SELF, CSP.NONCE, *hosts],
+                "img-src": [CSP.SELF, "https://trk.kissmetrics.io"],
+            }
+        )
+        == []
+    )
+    # 'strict-dynamic' lets the nonce'd loader bring in the library from any host.
+    assert (
+        csp_ids(**{"script-src": [CSP.NONCE, CSP.STRICT_DYNAMIC], "img-src": ["*.kissmetrics.io"]})
+        == []
+    )
+
+
+@needs_django_csp
+def test_djangos_csp_without_a_nonce_or_the_hosts_warns() -> None:
+    from django.utils.csp import CSP
+
+    assert csp_ids(**{"default-src": [CSP.SELF]}) == [
+        "django_kissmetrics.W005",
+        "django_kissmetrics.W006",
+    ]
+    with override_settings(
+        MIDDLEWARE=["django.middleware.csp.ContentSecurityPolicyMiddleware", *settings.MIDDLEWARE],
+        SECURE_CSP={"default-src": [CSP.SELF], "script-src": [CSP.SELF, CSP.NONCE]},
+    ):
+        (message,) = check_settings()
+    assert message.id == "django_kissmetrics.W006"
+    assert message.msg.endswith(
+        "script-src i.kissmetrics.io, script-src scripts.kissmetrics.io, "
+        "img-src trk.kissmetrics.io."
+    )
+    # Images left unrestricted (no img-src, no default-src) need nothing.
+    assert csp_ids(**{"script-src": [CSP.NONCE, "*.kissmetrics.io"]}) == []
+    # The middleware alone, with no policy, sends no header: nothing to warn about.
+    assert csp_ids() == []
