@@ -69,6 +69,55 @@ def _celery_problem() -> CheckMessage | None:
     return None
 
 
+def _tasks_problems(alias: str) -> list[CheckMessage]:
+    """``BACKEND = "tasks"`` without Django Tasks, or with no queue behind it."""
+    try:
+        from .tasks_backend import task_backends
+    except ImportError:
+        return [
+            Error(
+                'KISSMETRICS["BACKEND"] is "tasks" but Django Tasks is not installed: it is '
+                "part of Django 6.0+; before that it is the django-tasks backport.",
+                hint='pip install "django-kissmetrics-sdk[tasks]", or use Django 6.0+.',
+                id="django_kissmetrics.E005",
+            )
+        ]
+    try:
+        backend = task_backends[alias]
+    except Exception as exc:
+        return [
+            Error(
+                f'KISSMETRICS["TASKS_BACKEND"] is {alias!r}, which TASKS does not configure: {exc}',
+                hint="Add it to TASKS, or name one of its aliases.",
+                id="django_kissmetrics.E006",
+            )
+        ]
+    kind = type(backend).__name__
+    if kind == "DummyBackend":
+        return [
+            Warning(
+                f"TASKS[{alias!r}] is the DummyBackend: it never runs a task, so no event is "
+                "delivered.",
+                hint="Configure a queue such as django_tasks_db.DatabaseBackend and run its "
+                "worker (python manage.py db_worker).",
+                id="django_kissmetrics.W008",
+            )
+        ]
+    if kind == "ImmediateBackend" and not settings.DEBUG:
+        return [
+            Warning(
+                f"TASKS[{alias!r}] is the ImmediateBackend"
+                f"{'' if getattr(settings, 'TASKS', None) else ' (TASKS is not set)'}: each "
+                "batch is delivered inside the web process, with no worker, no durable "
+                "queue and no deferred retries.",
+                hint="In production configure a queue such as django_tasks_db.DatabaseBackend "
+                "and run its worker (python manage.py db_worker).",
+                id="django_kissmetrics.W007",
+            )
+        ]
+    return []
+
+
 #: The adapter for django-cookie-consent, which needs that app installed.
 COOKIE_CONSENT_ADAPTER = "django_kissmetrics.consent.django_cookie_consent"
 
@@ -173,6 +222,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         problem = _celery_problem()
         if problem is not None:
             messages.append(problem)
+    if conf.BACKEND == "tasks":
+        messages += _tasks_problems(conf.TASKS_BACKEND)
     if conf.enabled:
         messages += _csp_problems(conf)
     if conf.CONSENT is not None:

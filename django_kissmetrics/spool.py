@@ -216,22 +216,26 @@ class Spool:
 
         False when it would take the spool past ``max_bytes`` (nothing is written).
         """
+        return self.add(commands, delay=delay) is not None
+
+    def add(self, commands: Sequence[Command], *, delay: float = 0.0) -> int | None:
+        """:meth:`put`, returning the new entry's id (``None``: past ``max_bytes``)."""
         payload = json.dumps([c.to_wire() for c in commands], separators=(",", ":"))
         size = len(payload.encode())
         stamps = [c.timestamp for c in commands]
         now = time.time()
 
-        def insert(db: sqlite3.Connection) -> bool:
+        def insert(db: sqlite3.Connection) -> int | None:
             with self._transaction(db):
                 (total,) = db.execute("SELECT total(size) FROM entries").fetchone()
                 if total + size > self.max_bytes:
-                    return False
-                db.execute(
+                    return None
+                cursor = db.execute(
                     "INSERT INTO entries (oldest, newest, created, not_before, size, count,"
                     " payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (min(stamps), max(stamps), now, now + delay, size, len(commands), payload),
                 )
-            return True
+            return cursor.lastrowid
 
         return self._run(insert)
 
