@@ -215,3 +215,41 @@ def test_djangos_csp_without_a_nonce_or_the_hosts_warns() -> None:
     assert csp_ids(**{"script-src": [CSP.NONCE, "*.kissmetrics.io"]}) == []
     # The middleware alone, with no policy, sends no header: nothing to warn about.
     assert csp_ids() == []
+
+
+def tasks_ids(tasks: dict[str, Any] | None, **keys: Any) -> list[str]:
+    kissmetrics = {**settings.KISSMETRICS, "BACKEND": "tasks", **keys}
+    overrides: dict[str, Any] = {"KISSMETRICS": kissmetrics}
+    if tasks is not None:
+        overrides["TASKS"] = tasks
+    return ids(**overrides)
+
+
+def framework_backend(name: str) -> dict[str, Any]:
+    import django
+
+    package = "django.tasks" if django.VERSION >= (6, 0) else "django_tasks"
+    return {"default": {"BACKEND": f"{package}.backends.{name.lower()}.{name}Backend"}}
+
+
+def test_tasks_backend_on_a_queue_passes() -> None:
+    queue = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+    with override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, "django_tasks_db"]):
+        assert tasks_ids(queue) == []
+
+
+def test_tasks_backend_immediate_or_unset_warns_in_production() -> None:
+    assert tasks_ids(None) == ["django_kissmetrics.W007"]  # TASKS unset: immediate.
+    assert tasks_ids(framework_backend("Immediate")) == ["django_kissmetrics.W007"]
+    with override_settings(DEBUG=True):
+        assert tasks_ids(framework_backend("Immediate")) == []
+
+
+def test_tasks_backend_dummy_or_a_missing_alias() -> None:
+    assert tasks_ids(framework_backend("Dummy")) == ["django_kissmetrics.W008"]
+    assert tasks_ids(None, TASKS_BACKEND="nope") == ["django_kissmetrics.E006"]
+
+
+def test_tasks_backend_without_the_framework(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "django_kissmetrics.tasks_backend", None)
+    assert tasks_ids(None) == ["django_kissmetrics.E005"]
