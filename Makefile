@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup demo renew test test-matrix $(addprefix test-,$(CELLS)) lint bench worker clean
+.PHONY: setup demo demo-tasks renew test test-matrix $(addprefix test-,$(CELLS)) lint bench worker clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ setup: $(BIN)/.installed
 demo: setup
 	cd example_project && ../$(BIN)/python manage.py migrate --noinput -v 0
 	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/python manage.py runserver 127.0.0.1:$(PORT)
+
+# The demo on Django Tasks: its own database is the queue, and db_worker runs beside it.
+demo-tasks: setup
+	cd example_project && DEMO_BACKEND=tasks ../$(BIN)/python manage.py migrate --noinput -v 0
+	cd example_project && export DEMO_BACKEND=tasks DEMO_PORT=$(PORT) && \
+	{ ../$(BIN)/python manage.py db_worker & trap 'kill $$!' EXIT; \
+	../$(BIN)/python manage.py runserver 127.0.0.1:$(PORT); }
 
 # The demo's nightly job, sent to the demo running on $(PORT).
 renew: setup
