@@ -72,6 +72,8 @@ bench: setup $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/delivery.py
 	$(BIN)/python benchmarks/request.py
 	$(BIN)/python benchmarks/request.py --peers
+	$(BIN)/python benchmarks/request.py --tasks
+	$(BIN)/python benchmarks/tasks_worker.py
 	$(BIN)/python benchmarks/soak.py
 	$(BIN)/python benchmarks/backfill.py
 	$(BIN)/python benchmarks/outage.py
