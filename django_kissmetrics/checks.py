@@ -79,7 +79,7 @@ def _tasks_problems(alias: str) -> list[CheckMessage]:
                 'KISSMETRICS["BACKEND"] is "tasks" but Django Tasks is not installed: it is '
                 "part of Django 6.0+; before that it is the django-tasks backport.",
                 hint='pip install "django-kissmetrics-sdk[tasks]", or use Django 6.0+.',
-                id="django_kissmetrics.E005",
+                id="django_kissmetrics.E006",
             )
         ]
     try:
@@ -89,7 +89,7 @@ def _tasks_problems(alias: str) -> list[CheckMessage]:
             Error(
                 f'KISSMETRICS["TASKS_BACKEND"] is {alias!r}, which TASKS does not configure: {exc}',
                 hint="Add it to TASKS, or name one of its aliases.",
-                id="django_kissmetrics.E006",
+                id="django_kissmetrics.E007",
             )
         ]
     kind = type(backend).__name__
@@ -100,7 +100,7 @@ def _tasks_problems(alias: str) -> list[CheckMessage]:
                 "delivered.",
                 hint="Configure a queue such as django_tasks_db.DatabaseBackend and run its "
                 "worker (python manage.py db_worker).",
-                id="django_kissmetrics.W008",
+                id="django_kissmetrics.W009",
             )
         ]
     if kind == "ImmediateBackend" and not settings.DEBUG:
@@ -112,7 +112,7 @@ def _tasks_problems(alias: str) -> list[CheckMessage]:
                 "queue and no deferred retries.",
                 hint="In production configure a queue such as django_tasks_db.DatabaseBackend "
                 "and run its worker (python manage.py db_worker).",
-                id="django_kissmetrics.W007",
+                id="django_kissmetrics.W008",
             )
         ]
     return []
@@ -180,7 +180,7 @@ def _csp_problems(conf: Any) -> list[CheckMessage]:
                     f'{name}["script-src"] has no CSP.NONCE: the browser refuses the '
                     "{% kissmetrics_js %} script.",
                     hint='Add CSP.NONCE to "script-src" (Content Security Policy, in the README).',
-                    id="django_kissmetrics.W005",
+                    id="django_kissmetrics.W006",
                 )
             )
         missing = [
@@ -197,7 +197,7 @@ def _csp_problems(conf: Any) -> list[CheckMessage]:
                     f"{name} does not allow what the Kissmetrics library loads: "
                     f"{', '.join(missing)}.",
                     hint="Add those hosts (Content Security Policy, in the README).",
-                    id="django_kissmetrics.W006",
+                    id="django_kissmetrics.W007",
                 )
             )
     return messages

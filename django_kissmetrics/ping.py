@@ -69,7 +69,7 @@ def run(identity: str, timeout: float, report: Report) -> str:
         try:
             from .tasks_backend import ping_through_tasks
         except ImportError:
-            raise PingFailed("tasks", "Django Tasks is not installed (check E005)") from None
+            raise PingFailed("tasks", "Django Tasks is not installed (check E006)") from None
         ping_through_tasks(conf, command, deadline, report)
     else:
         report("delivery", f"BACKEND {conf.BACKEND!r}: straight from this process")

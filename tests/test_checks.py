@@ -198,15 +198,15 @@ def test_djangos_csp_without_a_nonce_or_the_hosts_warns() -> None:
     from django.utils.csp import CSP
 
     assert csp_ids(**{"default-src": [CSP.SELF]}) == [
-        "django_kissmetrics.W005",
         "django_kissmetrics.W006",
+        "django_kissmetrics.W007",
     ]
     with override_settings(
         MIDDLEWARE=["django.middleware.csp.ContentSecurityPolicyMiddleware", *settings.MIDDLEWARE],
         SECURE_CSP={"default-src": [CSP.SELF], "script-src": [CSP.SELF, CSP.NONCE]},
     ):
         (message,) = check_settings()
-    assert message.id == "django_kissmetrics.W006"
+    assert message.id == "django_kissmetrics.W007"
     assert message.msg.endswith(
         "script-src i.kissmetrics.io, script-src scripts.kissmetrics.io, "
         "img-src trk.kissmetrics.io."
@@ -239,17 +239,17 @@ def test_tasks_backend_on_a_queue_passes() -> None:
 
 
 def test_tasks_backend_immediate_or_unset_warns_in_production() -> None:
-    assert tasks_ids(None) == ["django_kissmetrics.W007"]  # TASKS unset: immediate.
-    assert tasks_ids(framework_backend("Immediate")) == ["django_kissmetrics.W007"]
+    assert tasks_ids(None) == ["django_kissmetrics.W008"]  # TASKS unset: immediate.
+    assert tasks_ids(framework_backend("Immediate")) == ["django_kissmetrics.W008"]
     with override_settings(DEBUG=True):
         assert tasks_ids(framework_backend("Immediate")) == []
 
 
 def test_tasks_backend_dummy_or_a_missing_alias() -> None:
-    assert tasks_ids(framework_backend("Dummy")) == ["django_kissmetrics.W008"]
-    assert tasks_ids(None, TASKS_BACKEND="nope") == ["django_kissmetrics.E006"]
+    assert tasks_ids(framework_backend("Dummy")) == ["django_kissmetrics.W009"]
+    assert tasks_ids(None, TASKS_BACKEND="nope") == ["django_kissmetrics.E007"]
 
 
 def test_tasks_backend_without_the_framework(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "django_kissmetrics.tasks_backend", None)
-    assert tasks_ids(None) == ["django_kissmetrics.E005"]
+    assert tasks_ids(None) == ["django_kissmetrics.E006"]
