@@ -249,8 +249,11 @@ class Site:
     queue: str
 
 
-def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
-    """Configure Django, a Celery app on the Redis broker, and the two handlers."""
+def build_site(
+    args: argparse.Namespace, *, django_settings: dict[str, Any] | None = None, **km_overrides: Any
+) -> Site:
+    """Configure Django (plus ``django_settings``), a Celery app on the Redis broker, and the
+    two handlers."""
     queue = km_overrides.get("CELERY_QUEUE", f"km-bench-request-{os.getpid()}")
     base_middleware = STACKS[args.stack]
     tracked_middleware = [*base_middleware, "django_kissmetrics.middleware.KissmetricsMiddleware"]
@@ -268,6 +271,7 @@ def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
         MIDDLEWARE=tracked_middleware,
         KISSMETRICS=km_settings,
         TEMPLATES=TEMPLATE_SETTINGS,
+        **(django_settings or {}),
     )
     import redis
     from celery import Celery

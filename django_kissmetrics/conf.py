@@ -72,7 +72,7 @@ class Settings:
 
     API_KEY: str | None = _key(None, "Your site's key; without it nothing is tracked or sent.")
     TRACKING_URL: str = _key("https://trk.kissmetrics.io", "Where commands are sent (http(s)).")
-    BACKEND: str = _key("celery", "celery, sync, locmem, disabled, or a BaseBackend path.")
+    BACKEND: str = _key("celery", "celery, tasks, sync, locmem, disabled, or a BaseBackend path.")
     IDENTITY: str = _key(
         "django_kissmetrics.identity.user_identity", "Dotted path of user -> identity."
     )
@@ -89,6 +89,8 @@ class Settings:
     RETRY_BACKOFF: float = _key(2.0, "Seconds before the first retry; doubles.", minimum=0)
     RETRY_BACKOFF_MAX: float = _key(600.0, "The longest wait between retries.", minimum=0)
     CELERY_QUEUE: str | None = _key(None, "Queue of the delivery task; None: the default.")
+    TASKS_BACKEND: str = _key("default", "With BACKEND tasks: the TASKS alias to enqueue on.")
+    TASKS_QUEUE: str | None = _key(None, "With BACKEND tasks: the queue; None: the default.")
     DELIVERY_CONCURRENCY: int = _key(16, "Calls in flight while delivering a batch.", minimum=1)
     PUBLISH: str = _key(
         "background", "Publish off the request or inline.", choices=("background", "inline")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Sequence
 
 from .client import KissmetricsClient
@@ -14,7 +15,7 @@ from .signals import delivery_failed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["client", "deliver", "deliver_now", "give_up"]
+__all__ = ["backoff", "client", "deliver", "deliver_now", "give_up"]
 
 
 def client() -> KissmetricsClient:
@@ -36,6 +37,19 @@ def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
     others = [c for c in commands if c.kind != "alias"]
     failures = api.send_many(aliases, concurrency=1)
     return failures + api.send_many(others, concurrency=conf.DELIVERY_CONCURRENCY)
+
+
+def backoff(retries: int, retry_after: float | None = None) -> float:
+    """Seconds before retry number ``retries + 1``: exponential, jittered, capped.
+
+    The cap (``RETRY_BACKOFF_MAX``) must stay well under the broker's visibility
+    timeout, or Redis hands a waiting message to a second worker.
+    """
+    conf = get_settings()
+    delay = conf.RETRY_BACKOFF * (2**retries) * random.uniform(0.5, 1.5)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return float(min(delay, conf.RETRY_BACKOFF_MAX))
 
 
 def deliver_now(commands: Sequence[Command], reason: str) -> None:

@@ -39,7 +39,14 @@ MAX_BATCH = 500
 
 
 def try_publish(commands: Sequence[Command]) -> BaseException | None:
-    """Publish one Celery message; return the broker's error, or None once it is queued."""
+    """Publish one Celery message; return the broker's error, or None once it is queued.
+
+    With ``BACKEND = "tasks"`` it enqueues one Django Tasks task instead.
+    """
+    if get_settings().BACKEND == "tasks":
+        from .tasks_backend import try_enqueue
+
+        return try_enqueue(commands)
     from celery.result import EagerResult
 
     from . import delivery

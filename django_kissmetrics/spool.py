@@ -345,6 +345,10 @@ class Spool:
 
         False when it would take the spool past ``max_bytes`` (nothing is written).
         """
+        return self.add(commands, delay=delay) is not None
+
+    def add(self, commands: Sequence[Command], *, delay: float = 0.0) -> list[int] | None:
+        """:meth:`put`, returning the new entries' ids (``None``: past ``max_bytes``)."""
         by_key: dict[str | None, list[Command]] = {}
         for command in commands:
             by_key.setdefault(self._key_of(command), []).append(command)
@@ -359,17 +363,20 @@ class Spool:
             )
         size = sum(row[4] for row in rows)
 
-        def insert(db: sqlite3.Connection) -> bool:
+        def insert(db: sqlite3.Connection) -> list[int] | None:
             with self._transaction(db):
                 (total,) = db.execute("SELECT total(size) FROM entries").fetchone()
                 if total + size > self.max_bytes:
-                    return False
-                db.executemany(
-                    "INSERT INTO entries (oldest, newest, created, not_before, size, count,"
-                    " payload, api_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-            return True
+                    return None
+                ids = []
+                for row in rows:
+                    cursor = db.execute(
+                        "INSERT INTO entries (oldest, newest, created, not_before, size,"
+                        " count, payload, api_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                    ids.append(int(cursor.lastrowid or 0))
+            return ids
 
         return self._run(insert)
 

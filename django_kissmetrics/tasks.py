@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from celery import Task, shared_task
@@ -11,22 +10,10 @@ from celery.exceptions import Reject
 from . import delivery, publisher, spool
 from .commands import Command
 from .conf import get_settings
+from .delivery import backoff
 from .exceptions import TrackingError
 
 __all__ = ["backoff", "deliver", "ping"]
-
-
-def backoff(retries: int, retry_after: float | None = None) -> float:
-    """Seconds before retry number ``retries + 1``: exponential, jittered, capped.
-
-    The cap (``RETRY_BACKOFF_MAX``) must stay well under the broker's visibility
-    timeout, or Redis hands a waiting message to a second worker.
-    """
-    conf = get_settings()
-    delay = conf.RETRY_BACKOFF * (2**retries) * random.uniform(0.5, 1.5)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return float(min(delay, conf.RETRY_BACKOFF_MAX))
 
 
 @shared_task(

@@ -18,6 +18,11 @@ from ..cookies import cookie_domain_for
 from ..person import stored_session
 from ..tracker import RequestTracker
 
+try:
+    from django.middleware.csp import get_nonce as _django_nonce
+except ImportError:  # Django < 6.0 has no CSP of its own.
+    _django_nonce = None  # type: ignore[assignment,unused-ignore]
+
 logger = logging.getLogger(__name__)
 register = template.Library()
 
@@ -71,9 +76,23 @@ def page_commands(tracker: RequestTracker) -> list[list[Any]]:
     return [*clear, *identify, *rest]
 
 
-def _nonce_attribute(request: Any, conf: Settings) -> str:
+def csp_nonce(request: Any, conf: Settings) -> str | None:
+    """This request's CSP nonce: ``CSP_NONCE_ATTRIBUTE`` (django-csp's), else Django's own.
+
+    Django's (6.0+) is lazy: reading it as text is what makes its middleware put it in
+    the header, so it is read only when the request has one.
+    """
     nonce = getattr(request, conf.CSP_NONCE_ATTRIBUTE or "", None)
-    return f' nonce="{escape(str(nonce))}"' if nonce else ""
+    if not nonce and _django_nonce is not None:
+        nonce = _django_nonce(request)
+        if nonce is not None:
+            nonce = str(nonce)
+    return str(nonce) if nonce else None
+
+
+def _nonce_attribute(request: Any, conf: Settings) -> str:
+    nonce = csp_nonce(request, conf)
+    return f' nonce="{escape(nonce)}"' if nonce else ""
 
 
 #: Defines ``kissmetricsStart()``: runs the inert loader just before it, once, as a live

@@ -10,6 +10,9 @@ Environment variables:
 - ``CELERY_BROKER_URL`` (for example ``redis://127.0.0.1:6379/0``): queue deliveries to a
   real broker; then run ``celery -A demo worker -l info`` from ``example_project/`` with
   the same environment.
+- ``DEMO_BACKEND=tasks`` (``make demo-tasks``): deliver through Django Tasks instead, queued
+  in the demo's own database by django-tasks-db; run ``python manage.py db_worker`` from
+  ``example_project/`` beside it (``make demo-tasks`` does). No broker at all.
 """
 
 from __future__ import annotations
@@ -164,6 +167,14 @@ CELERY_TASK_IGNORE_RESULT = True
 # With Redis, a message a killed worker had taken comes back after this many seconds;
 # the package's longest retry backoff (RETRY_BACKOFF_MAX, 600 s) stays well under it.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+
+# --- Django Tasks (DEMO_BACKEND=tasks) -----------------------------------------------------
+
+if os.environ.get("DEMO_BACKEND") == "tasks":
+    KISSMETRICS["BACKEND"] = "tasks"
+    # Below Django 6.0 the framework is the django-tasks backport.
+    INSTALLED_APPS += [*(["django_tasks"] if django.VERSION < (6, 0) else []), "django_tasks_db"]
+    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 
 # --- Logging -----------------------------------------------------------------------------
 
