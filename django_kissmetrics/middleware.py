@@ -13,6 +13,7 @@ from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.cache import patch_vary_headers
 
+from . import acquisition
 from .backends import get_backend
 from .browser import SESSION_BROWSER
 from .conf import get_settings
@@ -86,6 +87,8 @@ def _make_tracker(request: HttpRequest) -> RequestTracker:
     )
     if conf.CONSENT is not None:
         tracker.gated = True
+    if conf.AUTO_EVENTS:
+        acquisition.begin(tracker, conf)
     return tracker
 
 
@@ -157,6 +160,8 @@ def keep_browser_commands(tracker: RequestTracker) -> None:
 def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
     """Everything the middleware does as the response leaves; never raises."""
     try:
+        if tracker.acquired or tracker.visit_cookie is not None:
+            acquisition.finish(tracker, response)
         commands = tracker.close()
         if commands:
             tracker._send(commands)
@@ -228,6 +233,7 @@ class KissmetricsMiddleware:
         backend = get_backend()
         if (
             tracker.has_deferred
+            or tracker.acquired  # Working out the person may read the session and the user.
             or (tracker.browser and not tracker.browser_rendered)
             or tracker.withdrawn  # Reads and writes the session.
             or getattr(backend, "blocking", True)
