@@ -65,15 +65,15 @@ CAMPAIGN_PROPERTIES = (
 SEARCH_ENGINES: tuple[tuple[str, re.Pattern[str], tuple[str, ...]], ...] = tuple(
     (name, re.compile(pattern), params)
     for name, pattern, params in (
-        ("Google", r"(?:^|\.)google\.(?:com?\.)?[a-z]{2,3}", ("q",)),
-        ("Bing", r"(?:^|\.)bing\.com", ("q",)),
-        ("Yahoo", r"(?:^|\.)search\.yahoo\.(?:com?\.)?[a-z]{2,3}", ("p",)),
-        ("DuckDuckGo", r"(?:^|\.)duckduckgo\.com", ("q",)),
-        ("Yandex", r"(?:^|\.)yandex\.(?:com?\.)?[a-z]{2,3}|(?:^|\.)ya\.ru", ("text",)),
-        ("Baidu", r"(?:^|\.)baidu\.com", ("wd", "word")),
-        ("Ecosia", r"(?:^|\.)ecosia\.org", ("q",)),
-        ("Ask", r"(?:^|\.)ask\.com", ("q",)),
-        ("AOL", r"(?:^|\.)search\.aol\.com", ("q", "query")),
+        ("Google", r"(?:.+\.)?google\.(?:com?\.)?[a-z]{2,3}", ("q",)),
+        ("Bing", r"(?:.+\.)?bing\.com", ("q",)),
+        ("Yahoo", r"(?:.+\.)?search\.yahoo\.(?:com?\.)?[a-z]{2,3}", ("p",)),
+        ("DuckDuckGo", r"(?:.+\.)?duckduckgo\.com", ("q",)),
+        ("Yandex", r"(?:.+\.)?yandex\.(?:com?\.)?[a-z]{2,3}|(?:.+\.)?ya\.ru", ("text",)),
+        ("Baidu", r"(?:.+\.)?baidu\.com", ("wd", "word")),
+        ("Ecosia", r"(?:.+\.)?ecosia\.org", ("q",)),
+        ("Ask", r"(?:.+\.)?ask\.com", ("q",)),
+        ("AOL", r"(?:.+\.)?search\.aol\.com", ("q", "query")),
     )
 )
 
