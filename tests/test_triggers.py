@@ -273,3 +273,43 @@ def test_an_outbound_link_records_then_still_navigates(
     assert kmq_page.page.url == kmq_page.url("/browser/page/?from=partner")
     (hit,) = browser_hits(tracker, "Left For Partner")
     assert hit.person == kmq_page.cookie("km_ai")
+
+
+# The debug-toolbar panel.
+
+
+@pytest.mark.django_db
+def test_the_toolbar_panel_shows_triggers_and_automatic_events(
+    client: Client, km_settings: Any
+) -> None:
+    from django.test import override_settings
+
+    from tests.panel_site import TOOLBAR_SETTINGS
+    from tests.test_panel import panel_after
+
+    km_settings(AUTO_EVENTS=["Visited Site", "Ad Campaign Hit", "Referrer"])
+    with override_settings(**TOOLBAR_SETTINGS):
+        shown = panel_after(
+            client,
+            "/browser/triggers/?python=1&utm_source=demo",
+            HTTP_REFERER="https://news.example/story",
+        )
+        assert (
+            "Triggers declared Declared on this request with km.js.track_* or the trigger tags; "
+            "the library records each when its element is pressed, submitted or followed. "
+            '_kmq.push(...) ["trackClick","buy","Pressed Buy",{"from":"view"}] '
+            '["trackClick","#buy","Clicked Buy",{"plan":"pro","seats":3}] '
+            '["trackSubmit","#signup","Submitted Signup",{"form":"signup"}] '
+            '["trackClickOnOutboundLink",".outbound","Left For Partner",{}]'
+        ) in shown
+        url = "http://testserver/browser/triggers/?python=1&utm_source=demo"
+        assert (
+            "Automatic events (AUTO_EVENTS) Recorded by the middleware on this request, the "
+            "first of a visit or one carrying a campaign. Kind Event Properties "
+            f"record Visited Site URL={url} Referrer=https://news.example/story "
+            f"record Ad Campaign Hit Campaign Source=demo URL={url} "
+            "set Referrer=https://news.example/story Person"
+        ) in shown
+        # Inside the visit: nothing automatic, and the panel says so.
+        shown = panel_after(client, "/browser/page/")
+        assert "Triggers declared None. Automatic events (AUTO_EVENTS) None. Person" in shown
