@@ -12,6 +12,7 @@ Set ``DEMO_SCREENSHOTS=docs`` to also write the screenshots of the README.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -456,8 +457,9 @@ def test_nothing_is_tracked_before_the_banner_is_accepted(demo: Demo) -> None:
             browser.close()
 
 
-def test_a_campaign_visit_and_the_tracked_button_and_form(demo: Demo) -> None:
-    """/?utm_source=demo: an Ad Campaign Hit on the tracker; the triggers send from the browser."""
+@contextlib.contextmanager
+def fresh_page() -> Iterator[Any]:
+    """A Chromium page in a context of its own, never reaching Kissmetrics."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -465,41 +467,46 @@ def test_a_campaign_visit_and_the_tracked_button_and_form(demo: Demo) -> None:
         try:
             context = browser.new_context()
             context.route(KISSMETRICS_HOSTS, lambda route: route.abort())
-            page = context.new_page()
-            page.goto(f"{demo.url}/?utm_source=demo&utm_campaign=launch")
-            accept_analytics(page)  # Back to the same URL, now tracked.
-            assert page.url == f"{demo.url}/?utm_source=demo&utm_campaign=launch"
-            visitor = km_ai(page)
-            page.wait_for_load_state("load")
-            with page.expect_navigation():
-                page.get_by_role("link", name="See pricing").click()
-            page.goto(f"{demo.url}/")
-            page.fill("input[name=team]", "Rocket")
-            with page.expect_navigation():
-                page.get_by_role("button", name="Send me updates").click()
-
-            def arrived(people: list[Person]) -> bool:
-                person = next((p for p in people if visitor in p["identities"]), None)
-                names = [e["name"] for e in person["events"]] if person else []
-                return "Ad Campaign Hit" in names and "Asked For Updates" in names
-
-            (person,) = [p for p in demo.wait_for(arrived) if visitor in p["identities"]]
-            events = {e["name"]: e for e in person["events"]}
-            campaign = events["Ad Campaign Hit"]
-            assert campaign["source"] == "server"
-            assert campaign["properties"] == {
-                "Campaign Source": "demo",
-                "Campaign Name": "launch",
-                "URL": f"{demo.url}/?utm_source=demo&utm_campaign=launch",
-            }
-            assert [e["name"] for e in person["events"]].count("Visited Site") == 1
-            clicked = events["Clicked See Pricing"]
-            assert (clicked["source"], clicked["properties"]) == ("browser", {"place": "hero"})
-            submitted = events["Asked For Updates"]
-            # The form's fields stay on the page (KM_SKIP_FORM_FIELDS).
-            assert (submitted["source"], submitted["properties"]) == ("browser", {})
-
-            page.goto(f"{demo.url}/tracker/")
-            assert page.get_by_text("Ad Campaign Hit").count() >= 1
+            yield context.new_page()
         finally:
             browser.close()
+
+
+def test_a_campaign_visit_and_the_tracked_button_and_form(demo: Demo) -> None:
+    """/?utm_source=demo: an Ad Campaign Hit on the tracker; the triggers send from the browser."""
+    with fresh_page() as page:
+        page.goto(f"{demo.url}/?utm_source=demo&utm_campaign=launch")
+        accept_analytics(page)  # Back to the same URL, now tracked.
+        assert page.url == f"{demo.url}/?utm_source=demo&utm_campaign=launch"
+        visitor = km_ai(page)
+        page.wait_for_load_state("load")
+        with page.expect_navigation():
+            page.get_by_role("link", name="See pricing").click()
+        page.goto(f"{demo.url}/")
+        page.fill("input[name=team]", "Rocket")
+        with page.expect_navigation():
+            page.get_by_role("button", name="Send me updates").click()
+
+        def arrived(people: list[Person]) -> bool:
+            person = next((p for p in people if visitor in p["identities"]), None)
+            names = [e["name"] for e in person["events"]] if person else []
+            return "Ad Campaign Hit" in names and "Asked For Updates" in names
+
+        (person,) = [p for p in demo.wait_for(arrived) if visitor in p["identities"]]
+        events = {e["name"]: e for e in person["events"]}
+        campaign = events["Ad Campaign Hit"]
+        assert campaign["source"] == "server"
+        assert campaign["properties"] == {
+            "Campaign Source": "demo",
+            "Campaign Name": "launch",
+            "URL": f"{demo.url}/?utm_source=demo&utm_campaign=launch",
+        }
+        assert [e["name"] for e in person["events"]].count("Visited Site") == 1
+        clicked = events["Clicked See Pricing"]
+        assert (clicked["source"], clicked["properties"]) == ("browser", {"place": "hero"})
+        submitted = events["Asked For Updates"]
+        # The form's fields stay on the page (KM_SKIP_FORM_FIELDS).
+        assert (submitted["source"], submitted["properties"]) == ("browser", {})
+
+        page.goto(f"{demo.url}/tracker/")
+        assert page.get_by_text("Ad Campaign Hit").count() >= 1
