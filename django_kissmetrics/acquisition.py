@@ -23,10 +23,13 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
-from .cookies import anonymous_cookie, cookie_domain_for
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from .cookies import _HOST_SETTINGS, anonymous_cookie, cookie_domain_for
 
 if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponseBase
@@ -115,17 +118,41 @@ def _from_elsewhere(referrer_host: str, request: HttpRequest, conf: Settings) ->
     return not (shared and (there == shared or there.endswith("." + shared)))
 
 
-def _campaign(request: HttpRequest) -> dict[str, str]:
-    query = request.GET
-    found = {prop: query[param] for param, prop in CAMPAIGN_PROPERTIES if query.get(param)}
-    gclid = query.get("gclid")
+def _campaign(query: str) -> dict[str, str]:
+    # parse_qsl, not request.GET: a QueryDict costs several times more to build.
+    params = dict(parse_qsl(query))
+    found = {prop: params[param] for param, prop in CAMPAIGN_PROPERTIES if params.get(param)}
+    gclid = params.get("gclid")
     if gclid:
         found["gclid"] = gclid
     return found
 
 
 def _digest(campaign: Mapping[str, str]) -> str:
-    return format(zlib.crc32(repr(sorted(campaign.items())).encode()), "x")
+    return format(zlib.crc32("\0".join(campaign.values()).encode("utf-8", "replace")), "x")
+
+
+#: (X-Forwarded-Host, Host, secure) -> "scheme://host" that passed ``get_host()``.
+_origins: dict[tuple[str | None, str, bool], str] = {}
+
+
+@receiver(setting_changed, dispatch_uid="django_kissmetrics.acquisition")
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting in _HOST_SETTINGS:
+        _origins.clear()
+
+
+def _url(request: HttpRequest) -> str:
+    """``request.build_absolute_uri()``, with the host validated once per ``Host`` header."""
+    meta = request.META
+    key = (meta.get("HTTP_X_FORWARDED_HOST"), meta.get("HTTP_HOST", ""), request.is_secure())
+    origin = _origins.get(key)
+    if origin is None:
+        origin = f"{'https' if key[2] else 'http'}://{request.get_host()}"
+        if len(_origins) >= 256:
+            _origins.clear()  # Bounded, whatever hosts ALLOWED_HOSTS lets in.
+        _origins[key] = origin
+    return origin + request.get_full_path()
 
 
 def begin(tracker: RequestTracker, conf: Settings) -> None:
@@ -145,20 +172,21 @@ def _begin(tracker: RequestTracker, conf: Settings) -> None:
     now = int(time.time())
     seen = _STAMP.fullmatch(request.COOKIES.get(VISIT_COOKIE, ""))
     stamp = int(seen[1]) if seen else 0
-    # A stamp from the future is not a visit: a visitor may write any cookie.
-    live = 0 <= now - stamp < VISIT_SECONDS
+    # Another web server's clock may be a little ahead (and the stamp is whole seconds);
+    # a stamp further in the future is not a visit: a visitor may write any cookie.
+    live = -REFRESH_SECONDS < now - stamp < VISIT_SECONDS
     query = request.META.get("QUERY_STRING", "")
     events = conf.AUTO_EVENTS
     campaign: dict[str, str] = {}
     if ("utm_" in query or "gclid" in query) and "Ad Campaign Hit" in events:
-        campaign = _campaign(request)
+        campaign = _campaign(query)
     digest = _digest(campaign) if campaign else (seen[2] or "" if seen and live else "")
     if live and (not campaign or (seen is not None and seen[2] == digest)):
         if now - stamp >= REFRESH_SECONDS:
             tracker.visit_cookie = _value(now, digest)
         return  # Inside a visit, nothing new: the common request.
     acquired: list[tuple[str | None, dict[str, str]]] = []
-    url = request.build_absolute_uri()
+    url = _url(request)
     referrer = request.META.get("HTTP_REFERER", "")
     engine = None
     if not live:

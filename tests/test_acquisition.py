@@ -289,6 +289,17 @@ def test_a_visit_cookie_the_visitor_wrote_is_not_trusted(
     assert response.cookies[VISIT_COOKIE].value == str(int(clock.now))
 
 
+def test_a_web_server_whose_clock_is_behind_continues_the_visit(
+    client: Client, auto: list[Command], clock: Any
+) -> None:
+    client.get("/nothing/")
+    assert names(auto) == ["Visited Site"]
+    clock.now -= 5  # The next request lands on a server five seconds behind.
+    response = client.get("/nothing/")
+    assert names(auto) == []
+    assert VISIT_COOKIE not in response.cookies
+
+
 def test_recorded_for_the_logged_in_user(client: Client, auto: list[Command]) -> None:
     user = User.objects.create_user("ann", password="pw")
     client.force_login(user)
