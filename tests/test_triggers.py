@@ -313,3 +313,28 @@ def test_the_toolbar_panel_shows_triggers_and_automatic_events(
         # Inside the visit: nothing automatic, and the panel says so.
         shown = panel_after(client, "/browser/page/")
         assert "Triggers declared None. Automatic events (AUTO_EVENTS) None. Person" in shown
+
+
+# Counted once: the server's acquisition events and the library's own.
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("server_side", [False, True], ids=["library", "server"])
+def test_a_visit_is_counted_once_whoever_records_it(
+    kmq_page: BrowserPage, tracker: StandInTracker, km_settings: Any, server_side: bool
+) -> None:
+    if server_side:
+        km_settings(AUTO_EVENTS=["Visited Site"])
+    for _ in range(3):  # Three pages of one visit.
+        kmq_page.goto("/browser/page/")
+        kmq_page.page.wait_for_function(
+            "() => document.cookie.includes('km_vs=') || window.KM_SKIP_VISITED_SITE"
+        )
+    kmq_page.goto("/record/?event=Done")
+    hits = browser_hits(tracker, "Done")
+    assert hits
+    visits = [hit for hit in tracker.hits if hit.name == "Visited Site"]
+    assert len(visits) == 1
+    assert visits[0].person == kmq_page.cookie("km_ai")
+    assert visits[0].properties["URL"] == kmq_page.url("/browser/page/")
+    assert visits[0].properties["Referrer"] == "Direct"

@@ -162,7 +162,21 @@
     }
   }
 
+  // The library's own "Visited Site": once per 30-minute visit (the km_vs cookie), with the
+  // page's URL and referrer, unless the page says the server records it
+  // (KM_SKIP_VISITED_SITE, set by the tag when AUTO_EVENTS has it).
+  function visitedSite() {
+    if (window.KM_SKIP_VISITED_SITE) {
+      return;
+    }
+    if (!cookie("km_vs")) {
+      send("/e", "Visited Site", { URL: location.href, Referrer: document.referrer || "Direct" });
+    }
+    document.cookie = "km_vs=1; path=/; max-age=1800";
+  }
+
   queue.forEach(run);
+  visitedSite();
   var push = queue.push;
   queue.push = function () {
     Array.prototype.forEach.call(arguments, run);
