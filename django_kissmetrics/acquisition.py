@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
+from django.core.exceptions import DisallowedHost
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
@@ -163,6 +164,8 @@ def begin(tracker: RequestTracker, conf: Settings) -> None:
     """
     try:
         _begin(tracker, conf)
+    except DisallowedHost:
+        pass  # Django answers 400 for that host (CommonMiddleware) or the site chose not to.
     except Exception:
         logger.exception("Kissmetrics: could not work out this request's acquisition events")
 
@@ -206,7 +209,10 @@ def _begin(tracker: RequestTracker, conf: Settings) -> None:
             properties.update(_search_properties(engine))  # A paid click, as the library has it.
         acquired.append(("Ad Campaign Hit", properties))
     if not live and referrer and "Referrer" in events:
-        host = urlsplit(referrer).netloc
+        try:
+            host = urlsplit(referrer).netloc
+        except ValueError:  # Not a URL: a visitor may send any header.
+            host = ""
         if _from_elsewhere(host, request, conf):
             acquired.append((None, {"Referrer": referrer}))
     tracker.acquired = acquired

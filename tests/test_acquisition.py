@@ -300,6 +300,32 @@ def test_a_web_server_whose_clock_is_behind_continues_the_visit(
     assert VISIT_COOKIE not in response.cookies
 
 
+@pytest.mark.parametrize("referrer", ["http://[::1/", "not a url", "https://", "\x00\xff"])
+def test_a_referrer_that_is_not_a_url_is_kept_as_sent(
+    client: Client, auto: list[Command], referrer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = client.get("/nothing/", headers={"Referer": referrer})
+    assert response.status_code == 200
+    (visit,) = [props for _kind, name, props in sent(auto) if name == "Visited Site"]
+    assert visit["Referrer"] == referrer
+    assert "Kissmetrics" not in caplog.text
+
+
+def test_a_host_django_refuses_costs_no_error_log(
+    client: Client, auto: list[Command], caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.conf import settings
+    from django.test import override_settings
+
+    # Without CommonMiddleware nothing asks Django about the host before this package does.
+    stack = [m for m in settings.MIDDLEWARE if not m.endswith("CommonMiddleware")]
+    with override_settings(ALLOWED_HOSTS=["shop.test"], MIDDLEWARE=stack):
+        response = client.get("/nothing/", headers={"Host": "evil.example"})
+    assert response.status_code == 200
+    assert names(auto) == []  # No URL to record: nothing, rather than a wrong one.
+    assert "could not work out" not in caplog.text
+
+
 def test_recorded_for_the_logged_in_user(client: Client, auto: list[Command]) -> None:
     user = User.objects.create_user("ann", password="pw")
     client.force_login(user)
