@@ -222,8 +222,8 @@ class _Variant:
             cookie = _site.VISITORS[visitor]
             tracked_path, plain_path = paths[view]
             self.runs[f"{view}|{visitor}"] = (
-                _site.runner(tracked, _site.environ(tracked_path, cookie), self.n),
-                _site.runner(plain, _site.environ(plain_path, cookie), self.n),
+                _site.runner(tracked, _site.environ(tracked_path, cookie, visitor), self.n),
+                _site.runner(plain, _site.environ(plain_path, cookie, visitor), self.n),
             )
 
     def _build_peer(self, name: str, options: argparse.Namespace) -> tuple[Any, Any]:
@@ -298,7 +298,7 @@ class _Variant:
         self.flush()
         if (site := self.site) is not None:
             good = _site.check_queue(site.client, site.queue, expected, quiet=True)
-            count = len(_site.queued_commands(site.client, site.queue))
+            count = _site.events_in(_site.queued_commands(site.client, site.queue))
             _site.clean_up(site.client, site.queue)
             return count, good
         assert self.tracker is not None
@@ -325,6 +325,8 @@ def _child(conn: Connection, name: str, options: argparse.Namespace) -> None:
     """A variant's process: build the site, then answer the parent's requests."""
     if options.consent:
         _site.add_consent_cookie()
+    if getattr(options, "auto_events", False):
+        _site.add_auto_events()
     variant = _Variant(name, options)
     try:
         variant.round(0)  # Warm-up: imports, caches, connections.
@@ -415,8 +417,14 @@ def compare(options: argparse.Namespace) -> int:
     print(_common.machine())
     print(
         f"middleware ({options.stack}); {n} requests per round and case, {rounds} rounds; "
-        f"CONSENT: {'a function reading the banner cookie' if options.consent else 'None'}"
+        f"CONSENT: {'a function reading the banner cookie' if options.consent else 'None'}; "
+        f"AUTO_EVENTS: {', '.join(_site.AUTO_EVENTS) if options.auto_events else 'none'}"
     )
+    if options.auto_events:
+        print(
+            "  (ours records them; a returning visitor is inside a visit, a first visit comes "
+            "from a Google search by a campaign link: 4 more commands)"
+        )
     added: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     delivered: dict[str, tuple[int, bool]] = {}
     with _variants(names, options, checkouts) as conns:

@@ -53,11 +53,13 @@ from _site import (
     STACKS,
     VIEWS,
     VISITORS,
+    add_auto_events,
     add_consent_cookie,
     build_site,
     check_queue,
     clean_up,
     environ,
+    events_in,
     runner,
 )
 
@@ -144,7 +146,7 @@ def wall_time(args: argparse.Namespace) -> int:
                 seconds = measure()
             finally:
                 use("celery")
-            sent = queued_tasks() if backend == "tasks" else len(testing.outbox)
+            sent = queued_tasks() if backend == "tasks" else events_in(testing.outbox)
             if sent != n:
                 raise RuntimeError(f"{sent} commands sent through {backend}, expected {n}")
             testing.outbox.clear()
@@ -155,9 +157,9 @@ def wall_time(args: argparse.Namespace) -> int:
     variants: dict[str, Callable[[], float]] = {}
     for label, cookie in VISITORS.items():
         tracked_path, plain_path = VIEWS[args.view]
-        tracked_run = runner(site.tracked, environ(tracked_path, cookie), n)
+        tracked_run = runner(site.tracked, environ(tracked_path, cookie, label), n)
         for name, run in (
-            (f"{label}|plain", runner(site.plain, environ(plain_path, cookie), n)),
+            (f"{label}|plain", runner(site.plain, environ(plain_path, cookie, label), n)),
             (f"{label}|celery", tracked_run),
         ):
             variants[name] = timed_round(name, run, flush=name.endswith("celery"))
@@ -170,6 +172,7 @@ def wall_time(args: argparse.Namespace) -> int:
     conf = get_settings()
     print(f"middleware ({args.stack}): {', '.join(m.rsplit('.', 1)[1] for m in site.middleware)}")
     print(f"view: {args.view} ({' against '.join(VIEWS[args.view])})")
+    print(f"AUTO_EVENTS: {'every item' if args.auto_events else 'none'}")
     print(
         f"publisher: {conf.PUBLISH}, window {conf.PUBLISH_WINDOW * 1000:g} ms; broker "
         f"{args.redis}, queue {site.queue}; {n} requests per round, {args.rounds} rounds "
@@ -291,12 +294,12 @@ def child(args: argparse.Namespace) -> int:
     label = next(label for label in VISITORS if label.startswith(visitor))
     tracked_path, plain_path = VIEWS[args.view]
     path, handler = (plain_path, site.plain) if kind == "plain" else (tracked_path, site.tracked)
-    run = runner(handler, environ(path, VISITORS[label]), args.requests)
+    run = runner(handler, environ(path, VISITORS[label], label), args.requests)
 
     def one_round() -> None:
         run()
         publisher.flush()
-        if kind == "locmem" and len(testing.outbox) != args.requests:
+        if kind == "locmem" and events_in(testing.outbox) != args.requests:
             raise RuntimeError(f"{len(testing.outbox)} commands in the outbox")
         testing.outbox.clear()
 
@@ -329,6 +332,7 @@ def instructions(args: argparse.Namespace) -> int:
     print("benchmarks/request.py --instructions: one km.record per request, counted by callgrind")
     print(_common.machine())
     print(f"CONSENT: {'a function reading the banner cookie' if args.consent else 'None'}")
+    print(f"AUTO_EVENTS: {'every item' if args.auto_events else 'none'}")
     print(
         f"middleware ({args.stack}), view ({args.view}) and broker as in the timed run; "
         f"{n} requests per round, one Celery message per round"
@@ -349,6 +353,7 @@ def instructions(args: argparse.Namespace) -> int:
         command += ["--requests", str(n), "--redis", args.redis, "--stack", args.stack]
         command += ["--view", args.view]
         command += ["--queue", queue, *(["--consent"] if args.consent else [])]
+        command += ["--auto-events"] if args.auto_events else []
         # A fixed hash seed: the same dict and set layouts in every run.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -432,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the tasks backend (Django Tasks on django-tasks-db, SQLite file)",
     )
+    parser.add_argument(
+        "--auto-events",
+        action="store_true",
+        help="AUTO_EVENTS on (every item): the returning visitor is inside a visit, the "
+        "first visit arrives from a Google search by a campaign link",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--queue", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -449,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.consent:
         add_consent_cookie()
+    if args.auto_events:
+        add_auto_events()
     if args.peers:
         import peers
 

@@ -1,4 +1,4 @@
-"""Browser-side commands: ``km.js.record()`` and ``km.js.set()``, for the JavaScript library."""
+"""Browser-side commands: ``km.js.record()``, ``km.js.set()`` and the library's triggers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import decimal
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +22,11 @@ __all__ = [
     "MAX_SESSION_BYTES",
     "MAX_SESSION_COMMANDS",
     "SESSION_BROWSER",
+    "TRIGGERS",
     "BrowserCommands",
     "bounded",
     "json_value",
+    "trigger_command",
 ]
 
 #: The session key holding browser commands that wait for a page rendering the tag.
@@ -33,6 +36,14 @@ MAX_SESSION_COMMANDS = 32
 #: The most bytes (as JSON) they take there: a signed-cookie session must stay under
 #: the browser's 4 KB cookie limit with everything else it holds.
 MAX_SESSION_BYTES = 2048
+
+#: The library's trigger commands: record an event when something happens to an element.
+TRIGGERS = ("trackClick", "trackSubmit", "trackClickOnOutboundLink")
+
+# The library finds a trigger's elements by id ("#buy", or "buy") or by class name
+# (".buy"), never by CSS selector: "form#signup" or "button.buy" would match nothing,
+# silently. Refused here instead, where the developer sees it.
+_SELECTOR = re.compile(r"[#.]?[A-Za-z0-9_-]+")
 
 
 class BrowserCommands:
@@ -47,8 +58,14 @@ class BrowserCommands:
     def __init__(self, tracker: RequestTracker) -> None:
         self._tracker = tracker
 
-    def record(self, event: str, properties: Mapping[str, Any] | None = None) -> None:
-        """``_kmq.push(["record", event, properties])``."""
+    def record(
+        self, event: str | Mapping[str, Any] | None, properties: Mapping[str, Any] | None = None
+    ) -> None:
+        """``_kmq.push(["record", event, properties])``; without a name, :meth:`set`."""
+        nameless = cmd.nameless_properties(event, properties)
+        if nameless is not None:
+            self.set(nameless)
+            return
         self._tracker.push_browser(
             ["record", cmd._event_name(event), _browser_properties(properties)]
         )
@@ -56,6 +73,59 @@ class BrowserCommands:
     def set(self, properties: Mapping[str, Any]) -> None:
         """``_kmq.push(["set", properties])``."""
         self._tracker.push_browser(["set", _browser_properties(properties)])
+
+    def track_click(
+        self, selector: str, event: str, properties: Mapping[str, Any] | None = None
+    ) -> None:
+        """``_kmq.push(["trackClick", selector, event, properties])``.
+
+        The library records ``event`` when the element is pressed (on ``mousedown``).
+        ``selector`` is an element id (``"#buy"``) or a class name (``".buy"``).
+        """
+        self._trigger("trackClick", selector, event, properties)
+
+    def track_submit(
+        self, selector: str, event: str, properties: Mapping[str, Any] | None = None
+    ) -> None:
+        """``_kmq.push(["trackSubmit", selector, event, properties])``.
+
+        The library records ``event`` when the form is submitted; it adds the form's
+        fields only when ``LIBRARY_SETTINGS`` turns ``KM_SKIP_FORM_FIELDS`` off.
+        """
+        self._trigger("trackSubmit", selector, event, properties)
+
+    def track_click_on_outbound_link(
+        self, selector: str, event: str, properties: Mapping[str, Any] | None = None
+    ) -> None:
+        """``_kmq.push(["trackClickOnOutboundLink", selector, event, properties])``.
+
+        The library records ``event`` on the click and follows the link about 250 ms
+        later, so that the hit leaves before the page does.
+        """
+        self._trigger("trackClickOnOutboundLink", selector, event, properties)
+
+    def _trigger(
+        self, kind: str, selector: str, event: str, properties: Mapping[str, Any] | None
+    ) -> None:
+        command = trigger_command(kind, selector, event, properties)
+        tracker = self._tracker
+        if tracker.active:
+            tracker.push_browser(command)
+            tracker.note_trigger(command)
+
+
+def trigger_command(
+    kind: str, selector: object, event: object, properties: Mapping[str, Any] | None
+) -> list[Any]:
+    """The ``_kmq.push`` command of a trigger, checked (a developer mistake raises)."""
+    if kind not in TRIGGERS:
+        raise ValueError(f"Kissmetrics trigger must be one of {', '.join(TRIGGERS)}")
+    if not isinstance(selector, str) or not _SELECTOR.fullmatch(selector):
+        raise ValueError(
+            f'Kissmetrics {kind} selector must be an element id ("#buy") or a class name '
+            f'(".buy"), not {selector!r}: the library does not read CSS selectors'
+        )
+    return [kind, selector, cmd._event_name(event), _browser_properties(properties)]
 
 
 def _browser_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:

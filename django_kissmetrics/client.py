@@ -20,7 +20,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies, select_proxy
 
-from .commands import Command, make_alias, make_record, make_set
+from .commands import Command, make_alias, make_record, make_set, nameless_properties
 from .exceptions import TrackingError
 
 __all__ = ["DEFAULT_TRACKING_URL", "USER_AGENT", "KissmetricsClient"]
@@ -187,11 +187,18 @@ class KissmetricsClient:
     def record(
         self,
         person: str,
-        event: str,
+        event: str | Mapping[str, Any] | None,
         properties: Mapping[str, Any] | None = None,
         timestamp: dt.datetime | float | None = None,
     ) -> None:
-        """Record ``event`` for ``person``; ``timestamp`` back-dates it."""
+        """Record ``event`` for ``person``; ``timestamp`` back-dates it.
+
+        Without an event name (``None``, ``""``, or the properties alone) it is :meth:`set`.
+        """
+        nameless = nameless_properties(event, properties)
+        if nameless is not None:
+            self.set(person, nameless, timestamp)
+            return
         self.send(make_record(person, event, properties, timestamp), dated=timestamp is not None)
 
     def set(

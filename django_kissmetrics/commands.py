@@ -28,6 +28,7 @@ __all__ = [
     "make_alias",
     "make_record",
     "make_set",
+    "nameless_properties",
     "to_timestamp",
 ]
 
@@ -403,6 +404,26 @@ def _record(
         props = _fit_url(person, name, props)
     # tuple.__new__, not Command(...): the named tuple's __new__ is one more Python call.
     return _new_tuple(Command, ("record", person, name, props, ts))
+
+
+def nameless_properties(
+    event: object, properties: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The properties to set when ``record`` names no event; ``None`` when it names one.
+
+    As in every Kissmetrics library, ``record`` without a name is ``set``: ``record(None,
+    props)``, ``record("", props)`` and ``record(props)`` all set ``props``.
+    """
+    if event is None or (type(event) is str and not event):
+        return {} if properties is None else properties
+    if isinstance(event, Mapping):
+        if properties is not None:
+            raise TypeError(
+                "Kissmetrics record(properties) takes the properties once: "
+                "record(properties) or record(None, properties)"
+            )
+        return event
+    return None
 
 
 def make_set(

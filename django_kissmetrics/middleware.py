@@ -14,6 +14,7 @@ from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.cache import patch_vary_headers
 
+from . import acquisition
 from .backends import get_backend
 from .browser import SESSION_BROWSER, bounded
 from .conf import get_settings
@@ -88,10 +89,13 @@ def _make_tracker(request: HttpRequest) -> RequestTracker:
     raw = cookies.get(conf.COOKIE_NAME)
     anonymous = decode_cookie(raw)
     if anonymous is None or _LIBRARY_NAMED in cookies:
-        return _claimed(request, conf.CONSENT is not None, raw, anonymous)
-    tracker = RequestTracker(request, anonymous_id=anonymous)
-    if conf.CONSENT is not None:
-        tracker.gated = True
+        tracker = _claimed(request, conf.CONSENT is not None, raw, anonymous)
+    else:
+        tracker = RequestTracker(request, anonymous_id=anonymous)
+        if conf.CONSENT is not None:
+            tracker.gated = True
+    if conf.AUTO_EVENTS:
+        acquisition.begin(tracker, conf)
     return tracker
 
 
@@ -210,6 +214,8 @@ def keep_browser_commands(tracker: RequestTracker) -> None:
 def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
     """Everything the middleware does as the response leaves; never raises."""
     try:
+        if tracker.acquired or tracker.visit_cookie is not None:
+            acquisition.finish(tracker, response)
         commands = tracker.close()
         if commands:
             tracker._send(commands)
@@ -282,6 +288,7 @@ class KissmetricsMiddleware:
         if (
             tracker.has_deferred
             or tracker.claimed_id is not None  # write_cookies() may load the user.
+            or tracker.acquired  # Working out the person may read the session and the user.
             or (tracker.browser and not tracker.browser_rendered)
             or tracker.withdrawn  # Reads and writes the session.
             or getattr(backend, "blocking", True)

@@ -46,13 +46,20 @@ class Tracker:
 
     def record(
         self,
-        event: str,
+        event: str | Mapping[str, Any] | None,
         properties: Mapping[str, Any] | None = None,
         *,
         identity: str | None = None,
         timestamp: dt.datetime | float | None = None,
     ) -> None:
-        """Record ``event`` with ``properties`` for ``identity`` (default: the current person)."""
+        """Record ``event`` with ``properties`` for ``identity`` (default: the current person).
+
+        Without an event name (``None``, ``""``, or the properties alone) it is :meth:`set`.
+        """
+        nameless = cmd.nameless_properties(event, properties)
+        if nameless is not None:
+            self.set(nameless, identity=identity, timestamp=timestamp)
+            return
         person = self._person(identity)
         if person is None:
             return
@@ -186,6 +193,15 @@ class RequestTracker(CurrentPerson, Tracker):
     #: new cookie, no alias) only when it is the logged-in person's own.
     claimed_id: str | None = None
     _closed = False
+    #: Triggers declared on this request (``km.js.track_*`` and the template tags).
+    triggers: tuple[list[Any], ...] | list[list[Any]] = ()
+    #: The acquisition events the middleware records on this request (``AUTO_EVENTS``):
+    #: (event name, properties), or (``None``, properties) to set.
+    acquired: tuple[()] | list[tuple[str | None, dict[str, str]]] = ()
+    #: When they happened (the request's start), in Unix seconds.
+    acquired_at: int = 0
+    #: The visit cookie to write on the response, if it changed.
+    visit_cookie: str | None = None
     _aliased: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
     _signed_up: frozenset[str] | set[str] = frozenset()
     #: Primary keys of the users created in this request: one the visitor logs in as is
@@ -263,14 +279,23 @@ class RequestTracker(CurrentPerson, Tracker):
 
     def record(
         self,
-        event: str,
+        event: str | Mapping[str, Any] | None,
         properties: Mapping[str, Any] | None = None,
         *,
         identity: str | None = None,
         timestamp: dt.datetime | float | None = None,
     ) -> None:
-        """Record ``event`` with ``properties`` for ``identity`` (default: the current person)."""
-        if identity is not None or not self.active or running_loop() is not None:
+        """Record ``event`` with ``properties`` for ``identity`` (default: the current person).
+
+        Without an event name (``None``, ``""``, or the properties alone) it is :meth:`set`.
+        """
+        if (
+            type(event) is not str
+            or not event
+            or identity is not None
+            or not self.active
+            or running_loop() is not None
+        ):
             super().record(event, properties, identity=identity, timestamp=timestamp)
             return
         # The common call, about the current person in a sync view, in a straight line:
@@ -287,6 +312,10 @@ class RequestTracker(CurrentPerson, Tracker):
         """Queue a raw ``_kmq.push`` command for the page."""
         if self.active:
             self.browser.append(command)
+
+    def note_trigger(self, command: list[Any]) -> None:
+        """Remember a trigger declared on this request (the toolbar panel lists them)."""
+        self.triggers = [*self.triggers, command]
 
     def close(self) -> list[Command]:
         """End the request: return its commands; later ones are sent on their own."""
@@ -394,13 +423,13 @@ class _Km:
 
     def record(
         self,
-        event: str,
+        event: str | Mapping[str, Any] | None,
         properties: Mapping[str, Any] | None = None,
         *,
         identity: str | None = None,
         timestamp: dt.datetime | float | None = None,
     ) -> None:
-        """Record ``event`` (see :meth:`Tracker.record`)."""
+        """Record ``event``; without a name, set ``properties`` (see :meth:`Tracker.record`)."""
         (_current.get() or _detached).record(
             event, properties, identity=identity, timestamp=timestamp
         )

@@ -30,6 +30,7 @@ urlpatterns += [
     path("browser/tag/", views.browser_tag),
     path("browser/csp/", views.browser_csp),
     path("browser/vector/", views.browser_vector),
+    path("browser/triggers/", views.browser_triggers),
 ]
 
 urlpatterns += [

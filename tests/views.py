@@ -156,6 +156,16 @@ def browser_vector(request: HttpRequest) -> HttpResponse:
     return render(request, "browser_page.html")
 
 
+def browser_triggers(request: HttpRequest) -> HttpResponse:
+    """A button, a form and an outbound link, each with its trigger tag.
+
+    ``?python=1`` declares a click trigger from the view as well (``km.js``).
+    """
+    if request.GET.get("python"):
+        km.js.track_click("buy", "Pressed Buy", {"from": "view"})
+    return render(request, "browser_triggers.html", {"form_properties": {"form": "signup"}})
+
+
 def vector_identity(user: User) -> str:
     """An ``IDENTITY`` function for the XSS suite: whatever the user's first name holds."""
     return user.first_name

@@ -134,6 +134,9 @@ KISSMETRICS = {
         "/health",
         "/tracker/",
     ],
+    # Where visitors come from, recorded by the server even when an ad blocker stops the
+    # library: open the shop as /?utm_source=demo and the tracker shows an Ad Campaign Hit.
+    "AUTO_EVENTS": ["Visited Site", "Ad Campaign Hit", "Search Engine Hit", "Referrer"],
 }
 
 # --- Consent -----------------------------------------------------------------------------

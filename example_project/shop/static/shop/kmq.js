@@ -96,10 +96,114 @@
       case "set":
         send("/s", null, command[1]);
         break;
+      case "trackClick":
+      case "trackSubmit":
+      case "trackClickOnOutboundLink":
+        trigger(command[0], command[1], command[2], command[3]);
+        break;
     }
   }
 
+  // Triggers, as the Kissmetrics documentation describes them: trackClick records when
+  // the element is pressed (mousedown), trackSubmit when the form is submitted, and
+  // trackClickOnOutboundLink on the click, following the link 250 ms later so that the
+  // hit leaves first. An element is named by id ("#buy" or "buy") or class (".buy").
+  function elements(selector) {
+    if (selector.charAt(0) === ".") {
+      return Array.prototype.slice.call(document.getElementsByClassName(selector.slice(1)));
+    }
+    var element = document.getElementById(selector.replace(/^#/, ""));
+    return element ? [element] : [];
+  }
+
+  // The field names the library never sends, once "_" and "-" are taken out of them:
+  // passwords, card numbers, security codes, social security numbers.
+  var SENSITIVE = /pass|billing|creditcard|cardnum|^cc|ccnum|exp|seccode|securitycode|securitynum|cvc|cvv|ssn|socialsec|socsec|csc/i;
+
+  function fieldName(field) {
+    return (field.name || "").replace(/^(.+?)\[(.+?)\]/, "$1_$2");
+  }
+
+  function sendsField(field) {
+    var classes = (field.className || "").split(" ");
+    if (classes.indexOf("km_include") >= 0) {
+      return true;
+    }
+    if (classes.indexOf("km_ignore") >= 0 || !field.name) {
+      return false;
+    }
+    var tag = field.nodeName.toLowerCase();
+    if (tag === "input" && !/^(text|radio|checkbox)$/i.test(field.type)) {
+      return false; // Hidden, password, file and the rest.
+    }
+    if (tag !== "input" && tag !== "select") {
+      return false;
+    }
+    if (SENSITIVE.test(fieldName(field).replace(/[_-]/g, ""))) {
+      return false;
+    }
+    return !/^(radio|checkbox)$/i.test(field.type) || field.checked;
+  }
+
+  function formFields(form) {
+    var found = {};
+    Array.prototype.forEach.call(form.querySelectorAll("input, select, textarea"), function (f) {
+      if (sendsField(f)) {
+        found[fieldName(f)] = f.value;
+      }
+    });
+    return found;
+  }
+
+  function trigger(kind, selector, name, properties) {
+    function bind() {
+      elements(selector).forEach(function (element) {
+        if (kind === "trackClick") {
+          element.addEventListener("mousedown", function () {
+            send("/e", name, properties);
+          });
+        } else if (kind === "trackSubmit") {
+          element.addEventListener("submit", function () {
+            var fields = window.KM_SKIP_FORM_FIELDS ? {} : formFields(element);
+            send("/e", name, Object.assign(fields, properties || {}));
+          });
+        } else {
+          element.addEventListener("click", function (event) {
+            send("/e", name, properties);
+            var link = event.target.closest("a[href]");
+            var modified = event.shiftKey || event.altKey || event.ctrlKey || event.metaKey;
+            if (link && !link.target && !modified) {
+              event.preventDefault();
+              setTimeout(function () {
+                window.location.href = link.href;
+              }, 250);
+            }
+          });
+        }
+      });
+    }
+    if (document.readyState === "loading") {
+      document.addEventListener("DOMContentLoaded", bind);
+    } else {
+      bind();
+    }
+  }
+
+  // The library's own "Visited Site": once per 30-minute visit (the km_vs cookie), with the
+  // page's URL and referrer, unless the page says the server records it
+  // (KM_SKIP_VISITED_SITE, set by the tag when AUTO_EVENTS has it).
+  function visitedSite() {
+    if (window.KM_SKIP_VISITED_SITE) {
+      return;
+    }
+    if (!cookie("km_vs")) {
+      send("/e", "Visited Site", { URL: location.href, Referrer: document.referrer || "Direct" });
+    }
+    document.cookie = "km_vs=1; path=/; max-age=1800";
+  }
+
   queue.forEach(run);
+  visitedSite();
   var push = queue.push;
   queue.push = function () {
     Array.prototype.forEach.call(arguments, run);
