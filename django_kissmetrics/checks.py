@@ -116,7 +116,7 @@ def _hook_problems(conf: Settings) -> list[CheckMessage]:
             Error(
                 f'KISSMETRICS["{key}"] = {path!r} {problem}: {outcome}.',
                 hint=f"Point it at a function {shape}.",
-                id="django_kissmetrics.E005",
+                id="django_kissmetrics.E008",
             )
         )
     return messages
@@ -134,7 +134,7 @@ def _sites_problems(sites: dict[str, str | None]) -> list[CheckMessage]:
             f'KISSMETRICS["SITES"] names {", ".join(map(repr, unserved))}, which '
             "ALLOWED_HOSTS does not serve: those keys are never used.",
             hint="Add the host to ALLOWED_HOSTS, or correct the SITES entry.",
-            id="django_kissmetrics.W005",
+            id="django_kissmetrics.W010",
         )
     ]
 
