@@ -242,6 +242,46 @@ VISITORS = {
 CONSENT_COOKIE = "analytics_consent=yes"
 
 
+#: ``--hooks``: SITES (this host and another), TRACK (staff and an office range kept out)
+#: and BEFORE_SEND (a hook that looks at each command and keeps it); ``--hooks sites``
+#: (or ``track``, ``before_send``, comma-separated) sets only those.
+HOOKS: dict[str, dict[str, Any]] = {
+    "sites": {"SITES": {"www.shop.test": KEY, ".other.test": "other-key"}},
+    "track": {
+        "TRACK": "django_kissmetrics.track.not_staff_or_internal",
+        "INTERNAL_IPS": ["192.0.2.0/24"],
+    },
+    "before_send": {"BEFORE_SEND": "_site.before_send"},
+}
+ALL_HOOKS = ",".join(HOOKS)
+
+
+def hook_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``KISSMETRICS`` keys ``--hooks`` sets."""
+    chosen = getattr(args, "hooks", None)
+    if not chosen:
+        return {}
+    out: dict[str, Any] = {}
+    for name in chosen.split(","):
+        if name not in HOOKS:
+            raise SystemExit(f"--hooks: {name!r} is not one of {ALL_HOOKS}")
+        out.update(HOOKS[name])
+    return out
+
+
+def before_send(command: Command) -> Command | None:
+    """``BEFORE_SEND`` for ``--hooks``: drops a health check's events, keeps the rest."""
+    return None if command.name == "Checked Health" else command
+
+
+def hooks_label(args: argparse.Namespace) -> str:
+    """What ``--hooks`` set, for the report's header."""
+    chosen = hook_settings(args)
+    return ", ".join(
+        f"{key}: {chosen.get(key)!r}" for key in ("SITES", "TRACK", "INTERNAL_IPS", "BEFORE_SEND")
+    )
+
+
 def banner_consent(request: HttpRequest) -> bool:
     """``CONSENT`` for ``--consent``: the visitor agreed in the banner."""
     return request.COOKIES.get("analytics_consent") == "yes"
@@ -299,6 +339,7 @@ def build_site(
         "TRACKING_URL": "http://127.0.0.1:9",
         **({"CONSENT": "_site.banner_consent"} if args.consent else {}),
         **({"AUTO_EVENTS": AUTO_EVENTS} if getattr(args, "auto_events", False) else {}),
+        **hook_settings(args),
         **km_overrides,
     }
     _common.setup_django(

@@ -27,6 +27,10 @@ CPU time it took (all threads), since a client that waits for a pause before it 
 (segment's) spends nothing while it waits. The parent runs one process's round at a time, in
 an order that rotates. The added time is the median over the rounds of tracked minus plain.
 
+With ``--hooks`` this package runs with ``SITES``, ``TRACK`` and ``BEFORE_SEND`` set, and
+once more without them in a process of its own, for comparison; the budget is judged on
+the one with them.
+
 The budget (with the consent gate and the spool in place): this package's added time at
 most half the cheapest peer's for a returning visitor, and 0.6x for a first visit, on both
 views. Exits 1 when it is missed or when a variant's events did not all arrive.
@@ -57,6 +61,8 @@ from django.urls import path
 
 #: This package's variant; the others are the peers.
 OURS = "django-kissmetrics"
+#: With ``--hooks``: this package without them too, in the same run, for comparison.
+OURS_WITHOUT_HOOKS = f"{OURS} (no hooks)"
 #: Ours over the cheapest peer's added time, by visitor.
 BUDGET = {"returning visitor": 0.5, "first visit": 0.6}
 EVENT, PROPERTIES = _site.EVENT, _site.PROPERTIES
@@ -211,6 +217,8 @@ class _Variant:
         self.peer: Peer | None = None
         self.site: _site.Site | None = None
         if name not in PEERS:  # This package, from this checkout or the --before one.
+            if name == OURS_WITHOUT_HOOKS:
+                options = argparse.Namespace(**{**vars(options), "hooks": None})
             site = self.site = _site.build_site(options)
             tracked, plain = site.tracked, site.plain
             paths = dict(_site.VIEWS)
@@ -411,7 +419,8 @@ def compare(options: argparse.Namespace) -> int:
             print(f"--before {before}: no django_kissmetrics package there")
             return 2
         checkouts[f"{OURS} ({before.name})"] = str(before)
-    names = [OURS, *checkouts, *PEERS]
+    ours = [OURS, *([OURS_WITHOUT_HOOKS] if options.hooks else []), *checkouts]
+    names = [*ours, *PEERS]
     n, rounds = options.requests, options.rounds
     print("benchmarks/request.py --peers: one event per request, each library in its own process")
     print(_common.machine())
@@ -425,6 +434,7 @@ def compare(options: argparse.Namespace) -> int:
             "  (ours records them; a returning visitor is inside a visit, a first visit comes "
             "from a Google search by a campaign link: 4 more commands)"
         )
+    print(_site.hooks_label(options))
     added: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     delivered: dict[str, tuple[int, bool]] = {}
     with _variants(names, options, checkouts) as conns:
@@ -478,7 +488,7 @@ def compare(options: argparse.Namespace) -> int:
     for name, (count, good) in delivered.items():
         if not good:
             print(f"ERROR: {name}: {count:,} events arrived, expected {expected:,}")
-    for name in checkouts:
+    for name in ours[1:]:
         print(
             f"{name}: "
             + ", ".join(

@@ -122,9 +122,9 @@ _ALIASES = {
 
 @functools.cache
 def get_backend() -> BaseBackend:
-    """The configured backend (``DisabledBackend`` when there is no API key)."""
+    """The configured backend (``DisabledBackend`` when there is no API key nor ``SITES``)."""
     conf = get_settings()
-    if not conf.API_KEY:
+    if not (conf.API_KEY or conf.SITES):
         return DisabledBackend()
     cls = _ALIASES.get(conf.BACKEND)
     if cls is None:

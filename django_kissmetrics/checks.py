@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from django.apps import apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
+from django.http.request import validate_host
 from django.utils.module_loading import import_string
 
 from .conf import ConfigurationError, Settings, get_settings
@@ -220,6 +221,56 @@ def _csp_problems(conf: Any) -> list[CheckMessage]:
     return messages
 
 
+#: The settings that name a function, with what it is called with, and what a failure does.
+_HOOKS = {
+    "SITES": ("request -> key | None", "no request is tracked"),
+    "TRACK": ("request -> bool", "no visitor is tracked"),
+    "BEFORE_SEND": ("Command -> Command | None", "commands are sent unchanged"),
+    "GLOBAL_PROPERTIES": ("request | None -> dict", "events go without them"),
+}
+
+
+def _hook_problems(conf: Settings) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    for key, (shape, outcome) in _HOOKS.items():
+        path = getattr(conf, key)
+        if not isinstance(path, str):
+            continue
+        try:
+            target = import_string(path)
+        except ImportError as exc:
+            problem = f"cannot be imported ({exc})"
+        else:
+            if callable(target):
+                continue
+            problem = "is not callable"
+        messages.append(
+            Error(
+                f'KISSMETRICS["{key}"] = {path!r} {problem}: {outcome}.',
+                hint=f"Point it at a function {shape}.",
+                id="django_kissmetrics.E008",
+            )
+        )
+    return messages
+
+
+def _sites_problems(sites: dict[str, str | None]) -> list[CheckMessage]:
+    allowed = list(settings.ALLOWED_HOSTS)
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]  # What Django allows then.
+    unserved = [host for host in sites if not validate_host(host.lstrip("."), allowed)]
+    if not unserved:
+        return []
+    return [
+        Warning(
+            f'KISSMETRICS["SITES"] names {", ".join(map(repr, unserved))}, which '
+            "ALLOWED_HOSTS does not serve: those keys are never used.",
+            hint="Add the host to ALLOWED_HOSTS, or correct the SITES entry.",
+            id="django_kissmetrics.W010",
+        )
+    ]
+
+
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """The checks: a valid setting, an API key, a usable backend, the middleware in place."""
     messages: list[CheckMessage] = []
@@ -227,7 +278,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         conf = get_settings()
     except ConfigurationError as exc:
         return [Error(str(exc), id="django_kissmetrics.E001")]
-    if not conf.API_KEY:
+    if not (conf.API_KEY or conf.SITES):
         messages.append(
             Warning(
                 'KISSMETRICS["API_KEY"] is not set: tracking is disabled.',
@@ -261,6 +312,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="django_kissmetrics.W005",
             )
         )
+    messages += _hook_problems(conf)
+    if isinstance(conf.SITES, dict):
+        messages += _sites_problems(conf.SITES)
     middleware = list(getattr(settings, "MIDDLEWARE", []))
     if MIDDLEWARE not in middleware:
         messages.append(

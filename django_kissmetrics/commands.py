@@ -29,6 +29,7 @@ __all__ = [
     "make_record",
     "make_set",
     "nameless_properties",
+    "normalised",
     "to_timestamp",
 ]
 
@@ -58,6 +59,8 @@ class Command(NamedTuple):
     ``timestamp`` is the Unix time of the call: it travels as ``_t`` with ``_d=1``, so
     a command delivered late, or twice, is still the same record to Kissmetrics.
     ``name`` is the event name for ``record`` and the second identity for ``alias``.
+    ``api_key`` is the site it belongs to (``SITES``, an ``api_key=`` argument or
+    ``API_KEY``, fixed when it is made); ``None``: whatever key delivers it.
     Immutable (a named tuple: one is made per tracked call, and a tuple is the cheapest
     immutable value to make).
     """
@@ -67,6 +70,7 @@ class Command(NamedTuple):
     name: str | None = None
     properties: Mapping[str, str] = _NO_PROPERTIES
     timestamp: int = 0
+    api_key: str | None = None
 
     @property
     def path(self) -> str:
@@ -91,26 +95,35 @@ class Command(NamedTuple):
             "name": self.name,
             "properties": dict(self.properties),
             "timestamp": self.timestamp,
+            "api_key": self.api_key,
         }
 
     def to_wire(self) -> list[Any]:
-        """The compact JSON-safe form a Celery message carries: the five fields in order."""
+        """The compact JSON-safe form a Celery message carries: the fields in order.
+
+        The key is the sixth item when there is one; a five-item form (a message queued
+        before keys travelled) is read as a command without a key.
+        """
         properties = self.properties
-        return [
+        wire = [
             self.kind,
             self.person,
             self.name,
             properties if type(properties) is dict else dict(properties),
             self.timestamp,
         ]
+        if self.api_key is not None:
+            wire.append(self.api_key)
+        return wire
 
     @classmethod
     def from_wire(cls, data: Sequence[Any] | Mapping[str, Any]) -> Command:
         """The inverse of :meth:`to_wire` (the :meth:`to_dict` form is read too)."""
         if isinstance(data, Mapping):
             return cls.from_dict(data)
-        kind, person, name, properties, timestamp = data
-        return cls(kind, person, name, dict(properties or {}), int(timestamp))
+        kind, person, name, properties, timestamp, *key = data
+        api_key = key[0] if key and isinstance(key[0], str) and key[0] else None
+        return cls(kind, person, name, dict(properties or {}), int(timestamp), api_key)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Command:
@@ -121,6 +134,7 @@ class Command(NamedTuple):
             name=data.get("name"),
             properties=dict(data.get("properties") or {}),
             timestamp=int(data["timestamp"]),
+            api_key=data.get("api_key") or None,
         )
 
 
@@ -384,9 +398,10 @@ def make_record(
     event: object,
     properties: Mapping[str, Any] | None = None,
     timestamp: dt.datetime | float | int | None = None,
+    api_key: str | None = None,
 ) -> Command:
     """A normalised ``record`` command (see the README for the rules)."""
-    return _record(_identity(person), event, properties, timestamp)
+    return _record(_identity(person), event, properties, timestamp, api_key)
 
 
 def _record(
@@ -394,6 +409,7 @@ def _record(
     event: object,
     properties: Mapping[str, Any] | None,
     timestamp: dt.datetime | float | int | None,
+    api_key: str | None = None,
 ) -> Command:
     # make_record() for a person already in normal form (a request's current person).
     name = _EVENT_NAMES.get(event) if type(event) is str else None
@@ -403,7 +419,7 @@ def _record(
     if props:
         props = _fit_url(person, name, props)
     # tuple.__new__, not Command(...): the named tuple's __new__ is one more Python call.
-    return _new_tuple(Command, ("record", person, name, props, ts))
+    return _new_tuple(Command, ("record", person, name, props, ts, api_key))
 
 
 def nameless_properties(
@@ -430,15 +446,31 @@ def make_set(
     person: object,
     properties: Mapping[str, Any],
     timestamp: dt.datetime | float | int | None = None,
+    api_key: str | None = None,
 ) -> Command:
     """A normalised ``set`` command."""
     props, ts = _properties(properties, timestamp)
     identity = _identity(person)
-    return Command("set", identity, None, _fit_url(identity, None, props), ts)
+    return Command("set", identity, None, _fit_url(identity, None, props), ts, api_key)
 
 
-def make_alias(person: object, identity: object) -> Command:
+def make_alias(person: object, identity: object, api_key: str | None = None) -> Command:
     """A normalised ``alias`` command joining two identities."""
     return Command(
-        "alias", _identity(person), _identity(identity), _NO_PROPERTIES, int(time.time())
+        "alias", _identity(person), _identity(identity), _NO_PROPERTIES, int(time.time()), api_key
+    )
+
+
+def normalised(command: Command) -> Command:
+    """``command`` in normal form again (after a hook changed it); the time and key kept."""
+    if command.kind not in PATHS:
+        raise ValueError(f"Kissmetrics command kind must be one of {sorted(PATHS)}")
+    if command.kind == "alias":
+        name = _identity(command.name, "identity")
+        return command._replace(person=_identity(command.person), name=name)
+    props, _ = _properties(command.properties, 0)
+    if command.kind == "set":
+        return command._replace(person=_identity(command.person), properties=props)
+    return command._replace(
+        person=_identity(command.person), name=_event_name(command.name), properties=props
     )

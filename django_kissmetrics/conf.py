@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import os
 import re
 import types
 import typing
 from collections.abc import Callable
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import PurePath
 from typing import Any
 from urllib.parse import urlsplit
@@ -87,6 +89,30 @@ def _pattern(value: str | None) -> re.Pattern[str] | None:
 
 def _path(value: str | PurePath | None) -> str | None:
     return None if value is None else os.fspath(value)
+
+
+def _sites(value: dict[str, str | None] | str | None) -> dict[str, str | None] | str | None:
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, str | None] = {}
+    for host, key in value.items():
+        literal = isinstance(host, str) and host.startswith("[") and host.endswith("]")
+        if not isinstance(host, str) or not host.strip(". ") or any(c in host for c in "/ "):
+            raise ValueError(f"holds {host!r}, which is not a host or .domain")
+        if ":" in host and not literal:  # A port, or an IPv6 address without its brackets.
+            raise ValueError(f"holds {host!r}, which is not a host or .domain")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ValueError(f"[{host!r}] must be an API key (str) or None, not {key!r}")
+        # Hosts compare without case and without the dot that ends a fully qualified name.
+        out[host.lower().rstrip(".")] = key
+    return out
+
+
+def _networks(value: list[str] | tuple[str, ...]) -> tuple[IPv4Network | IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(str(v).strip(), strict=False) for v in value)
+    except ValueError as exc:
+        raise ValueError(f"holds an entry that is no address or range: {exc}") from None
 
 
 _NONE = type(None)
@@ -173,6 +199,36 @@ class Settings:
         accepts=(dict, tuple),
         convert=lambda value: tuple(dict(value).items()),
     )
+    SITES: dict[str, str | None] | str | None = _key(
+        None,
+        "Host (or .domain) -> API key, or a dotted path of request -> key | None; "
+        "unmatched hosts use API_KEY.",
+        accepts=(dict, str, _NONE),
+        convert=_sites,
+    )
+    TRACK: str | None = _key(
+        None, "Dotted path of request -> bool; false: this visitor is not tracked."
+    )
+    INTERNAL_IPS: tuple[IPv4Network | IPv6Network, ...] = _key(
+        (),
+        "Addresses and ranges (10.0.0.0/8) that django_kissmetrics.track.not_internal keeps out.",
+        accepts=(list, tuple),
+        convert=_networks,
+    )
+    TRUSTED_IP_HEADER: str | None = _key(
+        None,
+        "META key of the header your own proxy sets to the visitor's address "
+        "(HTTP_X_FORWARDED_FOR: its last entry); None: REMOTE_ADDR.",
+    )
+    BEFORE_SEND: str | None = _key(
+        None, "Dotted path of Command -> Command | None, run on each command; None: drop it."
+    )
+    GLOBAL_PROPERTIES: dict[str, Any] | str | None = _key(
+        None,
+        "Properties under every event's own: a dict, or a dotted path of request | None -> dict.",
+        accepts=(dict, str, _NONE),
+        convert=lambda value: dict(value) if isinstance(value, dict) else value,
+    )
 
     AUTO_EVENTS: tuple[str, ...] = _key(
         (),
@@ -202,8 +258,13 @@ class Settings:
 
     @functools.cached_property
     def enabled(self) -> bool:
-        """Tracking is on: there is an API key and the backend is not ``disabled``."""
-        return bool(self.API_KEY) and self.BACKEND != "disabled"
+        """Tracking is on: an API key (or ``SITES``), and the backend is not ``disabled``."""
+        return bool(self.API_KEY or self.SITES) and self.BACKEND != "disabled"
+
+    @functools.cached_property
+    def shaping(self) -> bool:
+        """``BEFORE_SEND`` or ``GLOBAL_PROPERTIES`` is set: each command goes through them."""
+        return self.BEFORE_SEND is not None or self.GLOBAL_PROPERTIES is not None
 
 
 def _accepted(hint: Any) -> tuple[type, ...]:
@@ -331,6 +392,8 @@ def load(user: Any) -> Settings:
                 values[field.name] = convert(values[field.name])
             except re.error as exc:
                 raise _error(field.name, f"is not a regular expression: {exc}") from None
+            except ValueError as exc:
+                raise _error(field.name, str(exc)) from None
     values["TIMEOUT"] = float(values["TIMEOUT"])
     values["SPOOL_MAX_AGE"] = float(values["SPOOL_MAX_AGE"])
     values["TRACKING_URL"] = values["TRACKING_URL"].rstrip("/")

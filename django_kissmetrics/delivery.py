@@ -18,25 +18,42 @@ logger = logging.getLogger(__name__)
 __all__ = ["backoff", "client", "deliver", "deliver_now", "give_up"]
 
 
-def client() -> KissmetricsClient:
-    """A client configured from the ``KISSMETRICS`` setting."""
+def client(api_key: str | None = None) -> KissmetricsClient:
+    """A client for ``api_key`` (default ``API_KEY``) as the ``KISSMETRICS`` setting says."""
     conf = get_settings()
-    if not conf.API_KEY:
+    key = api_key or conf.API_KEY
+    if not key:
         raise TrackingError("KISSMETRICS['API_KEY'] is not set")
-    return KissmetricsClient(conf.API_KEY, url=conf.TRACKING_URL, timeout=conf.TIMEOUT)
+    return KissmetricsClient(key, url=conf.TRACKING_URL, timeout=conf.TIMEOUT)
 
 
 def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
-    """Send ``commands`` over the pooled client; return the ones that failed."""
+    """Send ``commands`` over the pooled client; return the ones that failed.
+
+    Each command goes with the key it was made with; one made without a key (a message
+    queued before keys travelled) goes with this process's ``API_KEY``.
+    """
     if not commands:
         return []
     conf = get_settings()
-    api = client()
-    # Aliases go first, so that a batch's events land on a person already joined.
-    aliases = [c for c in commands if c.kind == "alias"]
-    others = [c for c in commands if c.kind != "alias"]
-    failures = api.send_many(aliases, concurrency=1)
-    return failures + api.send_many(others, concurrency=conf.DELIVERY_CONCURRENCY)
+    by_key: dict[str | None, list[Command]] = {}
+    for command in commands:
+        by_key.setdefault(command.api_key or conf.API_KEY, []).append(command)
+    failures: list[tuple[Command, TrackingError]] = []
+    for key, group in by_key.items():
+        if key is None:
+            # Sending it under some other site's key would mix two sites' numbers.
+            error = TrackingError("no API key: the command has none and API_KEY is not set")
+            error.status = 400  # Not retriable: no later attempt will find a key.
+            failures += [(c, error) for c in group]
+            continue
+        api = client(key)
+        # Aliases go first, so that a batch's events land on a person already joined.
+        aliases = [c for c in group if c.kind == "alias"]
+        others = [c for c in group if c.kind != "alias"]
+        failures += api.send_many(aliases, concurrency=1)
+        failures += api.send_many(others, concurrency=conf.DELIVERY_CONCURRENCY)
+    return failures
 
 
 def backoff(retries: int, retry_after: float | None = None) -> float:

@@ -22,6 +22,8 @@ from .consent import agreed
 from .cookies import delete_cookies, set_anonymous_cookie
 from .identity import decode_cookie, encode_base64_id
 from .person import SESSION_IDENTITY, stored_session
+from .sites import key_for_request
+from .track import is_tracked
 from .tracker import SESSION_ALIASED, RequestTracker, _current
 
 logger = logging.getLogger(__name__)
@@ -76,22 +78,28 @@ def _make_tracker(request: HttpRequest) -> RequestTracker:
         conf.HONOR_DNT and (meta.get("HTTP_DNT") == "1" or meta.get("HTTP_SEC_GPC") == "1")
     ):
         return RequestTracker(request, active=False, allow_explicit=False)
+    key = conf.API_KEY if conf.SITES is None else key_for_request(request, conf)
+    if key is None:
+        # A host of no site: nothing about anyone is sent from here.
+        return RequestTracker(request, active=False, allow_explicit=False)
     bots = conf.IGNORE_USER_AGENTS
-    if request.path_info.startswith(conf.EXCLUDE_PATHS) or (
-        bots is not None and _is_bot(meta.get("HTTP_USER_AGENT", ""), bots)
+    if (
+        request.path_info.startswith(conf.EXCLUDE_PATHS)
+        or (bots is not None and _is_bot(meta.get("HTTP_USER_AGENT", ""), bots))
+        or (conf.TRACK is not None and not is_tracked(request, conf.TRACK))
     ):
         # Not this visitor, but code here may still track someone by name
         # (an admin action about a customer).
-        return RequestTracker(request, active=False, allow_explicit=True)
+        return RequestTracker(request, active=False, allow_explicit=True, api_key=key)
     if conf.CONSENT is not None and not agreed(request, conf.CONSENT):
-        return _not_agreed(request, conf.COOKIE_NAME)
+        return _not_agreed(request, conf.COOKIE_NAME, key)
     cookies = request.COOKIES
     raw = cookies.get(conf.COOKIE_NAME)
     anonymous = decode_cookie(raw)
     if anonymous is None or _LIBRARY_NAMED in cookies:
-        tracker = _claimed(request, conf.CONSENT is not None, raw, anonymous)
+        tracker = _claimed(request, conf.CONSENT is not None, raw, anonymous, key)
     else:
-        tracker = RequestTracker(request, anonymous_id=anonymous)
+        tracker = RequestTracker(request, anonymous_id=anonymous, api_key=key)
         if conf.CONSENT is not None:
             tracker.gated = True
     if conf.AUTO_EVENTS:
@@ -106,7 +114,7 @@ _LIBRARY_NAMED = "km_ni"
 
 
 def _claimed(
-    request: HttpRequest, gated: bool, raw: str | None, anonymous: str | None
+    request: HttpRequest, gated: bool, raw: str | None, anonymous: str | None, key: str
 ) -> RequestTracker:
     # km_ai is missing, is no anonymous id, or may be a named one: once the library has
     # identified someone (km_ni) it writes their identity into km_ai too. Such a value
@@ -119,17 +127,17 @@ def _claimed(
             anonymous, claimed = None, anonymous
     elif raw and len(raw) <= 1024:
         claimed = unquote(raw)
-    tracker = RequestTracker(request, anonymous_id=anonymous)
+    tracker = RequestTracker(request, anonymous_id=anonymous, api_key=key)
     if claimed:
         tracker.claimed_id = claimed
     tracker.gated = gated
     return tracker
 
 
-def _not_agreed(request: HttpRequest, cookie_name: str) -> RequestTracker:
+def _not_agreed(request: HttpRequest, cookie_name: str, key: str) -> RequestTracker:
     # As on an excluded path: nothing about this visitor, but calls naming someone
     # (the site's own dealings with a customer) still go.
-    tracker = RequestTracker(request, active=False, allow_explicit=True)
+    tracker = RequestTracker(request, active=False, allow_explicit=True, api_key=key)
     tracker.awaiting_consent = tracker.gated = True
     if _held(request, cookie_name):
         tracker.withdrawn = True
@@ -235,7 +243,9 @@ def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
 
 def _gated() -> bool:
     try:
-        return get_settings().CONSENT is not None
+        conf = get_settings()
+        # Each names a function of the site's, which may query the database.
+        return not (conf.CONSENT is None and conf.TRACK is None and not isinstance(conf.SITES, str))
     except Exception:
         return False  # start() logs what is wrong with the settings.
 
@@ -275,7 +285,8 @@ class KissmetricsMiddleware:
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         """The ASGI path: the same, without blocking the event loop."""
         if _gated():
-            # The site's CONSENT function may query the database: not on the event loop.
+            # The site's CONSENT, TRACK or SITES function may query the database: not on
+            # the event loop.
             tracker = await sync_to_async(start, thread_sensitive=True)(request)
         else:
             tracker = start(request)

@@ -108,7 +108,8 @@ def ping(self: Task[Any, Any], command: list[Any] | dict[str, Any], reply_to: st
     conf = get_settings()
     answer: dict[str, Any] = {"hop": "tracking server", "url": conf.TRACKING_URL}
     try:
-        answer["status"] = delivery.client().send(Command.from_wire(command))
+        ping_command = Command.from_wire(command)
+        answer["status"] = delivery.client(ping_command.api_key).send(ping_command)
     except TrackingError as exc:
         answer.update(status=exc.status, error=str(exc))
     except Exception as exc:  # A worker without an API key, a bad setting: say so.

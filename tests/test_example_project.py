@@ -511,3 +511,20 @@ def test_a_campaign_visit_and_the_tracked_button_and_form(demo: Demo) -> None:
 
         page.goto(f"{demo.url}/tracker/")
         assert page.get_by_text("Ad Campaign Hit").count() >= 1
+
+
+def test_the_second_host_is_a_site_of_its_own(demo: Demo) -> None:
+    """``localhost`` has its own key (``SITES``): its visitors show under it on /tracker/."""
+    second = demo.url.replace("127.0.0.1", "localhost")
+    assert second != demo.url
+    with fresh_page() as page:
+        page.goto(f"{second}/pricing/")
+        accept_analytics(page)
+        assert page.evaluate("() => window._kmk") == "demo-second-key"
+        anonymous = km_ai(page)
+        people = demo.wait_for(lambda people: any(anonymous in p["identities"] for p in people))
+    (person,) = [p for p in people if anonymous in p["identities"]]
+    assert person["site"] == "demo-second-key"
+    assert recorded(person) >= {("Viewed Pricing", anonymous, "server")}
+    # The first site's people keep the first key.
+    assert {p["site"] for p in people if anonymous not in p["identities"]} <= {"demo-key"}

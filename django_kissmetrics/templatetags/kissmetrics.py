@@ -70,8 +70,8 @@ def _head(
     return lines
 
 
-def _page_head(conf: Settings, request: Any) -> list[str]:
-    return _head(conf.API_KEY, cookie_domain_for(request), conf.SCRIPT_URLS, conf.library_switches)
+def _page_head(conf: Settings, request: Any, api_key: str | None) -> list[str]:
+    return _head(api_key, cookie_domain_for(request), conf.SCRIPT_URLS, conf.library_switches)
 
 
 def page_commands(tracker: RequestTracker) -> list[list[Any]]:
@@ -127,7 +127,7 @@ def _inert(request: Any, tracker: RequestTracker) -> SafeString:
     No command and no identity: nothing about this visitor is known or sent yet.
     """
     conf = get_settings()
-    lines = _page_head(conf, tracker.request)
+    lines = _page_head(conf, tracker.request, tracker.api_key or conf.API_KEY)
     nonce = _nonce_attribute(request, conf)
     marks = "".join(f' {name}="{escape(value)}"' for name, value in conf.CONSENT_SCRIPT_ATTRIBUTES)
     return mark_safe(
@@ -150,7 +150,8 @@ def kissmetrics_js(context: template.Context) -> SafeString | str:
         if not tracker.active:
             return _inert(request, tracker)
         conf = get_settings()
-        lines = [*_page_head(conf, tracker.request)]
+        # The request's site (SITES) names the key.
+        lines = [*_page_head(conf, tracker.request, tracker.api_key or conf.API_KEY)]
         for command in page_commands(tracker):
             try:
                 lines.append(f"_kmq.push({js_value(command)});")

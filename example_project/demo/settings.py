@@ -5,6 +5,7 @@ Environment variables:
 - ``DEMO_PORT`` (default 8000): the port ``runserver`` listens on; the stand-in tracker's
   URL is built from it, so ``make demo PORT=...`` passes it along.
 - ``DEMO_DB``: the SQLite file (default ``example_project/db.sqlite3``).
+- ``KISSMETRICS_SECOND_API_KEY``: the key of the second site, ``http://localhost:<port>/``.
 - ``KISSMETRICS_API_KEY`` and ``KISSMETRICS_TRACKING_URL``: send to a real Kissmetrics
   site (``https://trk.kissmetrics.io``) instead of the stand-in tracker.
 - ``CELERY_BROKER_URL`` (for example ``redis://127.0.0.1:6379/0``): queue deliveries to a
@@ -137,6 +138,11 @@ KISSMETRICS = {
     # Where visitors come from, recorded by the server even when an ad blocker stops the
     # library: open the shop as /?utm_source=demo and the tracker shows an Ad Campaign Hit.
     "AUTO_EVENTS": ["Visited Site", "Ad Campaign Hit", "Search Engine Hit", "Referrer"],
+    # A second site on the same server: http://localhost:<port>/ is tracked under a key
+    # of its own (the tracker's page shows each person's site); 127.0.0.1 uses API_KEY.
+    "SITES": {"localhost": os.environ.get("KISSMETRICS_SECOND_API_KEY") or "demo-second-key"},
+    # Staff (the admin's users) are not counted as visitors.
+    "TRACK": "django_kissmetrics.track.not_staff",
 }
 
 # --- Consent -----------------------------------------------------------------------------
