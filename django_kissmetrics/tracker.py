@@ -462,20 +462,24 @@ class RequestTracker(CurrentPerson, Tracker):
             return None
         return identity
 
-    def alias(self, identity_a: str, identity_b: str) -> None:
+    def alias(self, identity_a: str, identity_b: str, *, api_key: str | None = None) -> None:
         """Tie two identities into one person (irreversible; order does not matter).
 
         While the visitor has not agreed (``CONSENT``), an alias naming them is dropped.
         """
         if not self.awaiting_consent:
-            super().alias(identity_a, identity_b)
-        elif self.allow_explicit and in_event_loop():
+            super().alias(identity_a, identity_b, api_key=api_key)
+            return
+        key = self._key(api_key)
+        if self.allow_explicit and in_event_loop():
             self._defer(
-                lambda a: cmd.make_alias(a, identity_b) if self._explicit(identity_b) else None,
+                lambda a: (
+                    cmd.make_alias(a, identity_b, key) if self._explicit(identity_b) else None
+                ),
                 identity_a,
             )
         elif self._explicit(identity_a) and self._explicit(identity_b):
-            self._emit(cmd.make_alias(identity_a, identity_b))
+            self._emit(cmd.make_alias(identity_a, identity_b, key))
 
     def _add(self, command: Command) -> None:
         if self._closed:
