@@ -25,6 +25,7 @@ __all__ = [
     "MAX_VALUE_BYTES",
     "Command",
     "CommandKind",
+    "loggable",
     "make_alias",
     "make_record",
     "make_set",
@@ -473,4 +474,13 @@ def normalised(command: Command) -> Command:
         return command._replace(person=_identity(command.person), properties=props)
     return command._replace(
         person=_identity(command.person), name=_event_name(command.name), properties=props
+    )
+
+
+def loggable(commands: Sequence[Command]) -> str:
+    """``commands`` as JSON for a log line: in full, so that they can be sent again by
+    hand, but with only the last four characters of each API key."""
+    return json.dumps(
+        [{**c.to_dict(), "api_key": c.api_key and "..." + c.api_key[-4:]} for c in commands],
+        ensure_ascii=False,
     )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
 
 from .client import KissmetricsClient
-from .commands import Command
+from .commands import Command, loggable
 from .conf import get_settings
 from .exceptions import TrackingError
 from .signals import delivery_failed
@@ -89,7 +88,7 @@ def give_up(commands: Sequence[Command], error: BaseException | None, reason: st
         len(commands),
         reason,
         error,
-        json.dumps([c.to_dict() for c in commands], ensure_ascii=False),
+        loggable(commands),
     )
     try:
         delivery_failed.send(sender=Command, commands=list(commands), error=error)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import atexit
 import collections
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Sequence
 
-from .commands import Command
+from .commands import Command, loggable
 from .conf import get_settings
 
 logger = logging.getLogger(__name__)
@@ -247,7 +246,7 @@ class Publisher:
                 len(held),
                 timeout,
                 when,
-                json.dumps([c.to_dict() for c in held], ensure_ascii=False),
+                loggable(held),
             )
         return not held
 

@@ -225,12 +225,16 @@ class Spool:
         max_bytes: int,
         max_age: float,
         api_key: str | None = None,
+        site_keys: frozenset[str] | None = frozenset(),
     ) -> None:
         self.path = Path(directory) / FILENAME
         self.max_bytes = max_bytes
         self.max_age = max_age
         #: The key this process sends with: entries made with another are not its own.
         self.api_key = api_key
+        #: The other keys of this site's settings (``SITES``) whose entries it replays;
+        #: ``None``: any key (``SITES`` is a function, whose keys cannot be listed).
+        self.site_keys = site_keys
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
@@ -335,10 +339,13 @@ class Spool:
 
     def _mine(self) -> tuple[str, tuple[Any, ...]]:
         """The SQL condition, and its parameters, of the entries this process may replay."""
-        if self.api_key is None:
+        if self.site_keys is None:
+            return "1", ()
+        keys = sorted(k for k in {self.api_key, *self.site_keys} if k is not None)
+        if not keys:
             return "api_key IS NULL", ()
         # NULL: spooled before keys were recorded, into this site's own folder.
-        return "(api_key IS NULL OR api_key = ?)", (self.api_key,)
+        return f"(api_key IS NULL OR api_key IN ({', '.join('?' * len(keys))}))", tuple(keys)
 
     def put(self, commands: Sequence[Command], *, delay: float = 0.0) -> bool:
         """Spool ``commands`` as one entry per API key, replayable after ``delay`` seconds.
@@ -559,7 +566,7 @@ def _is_name(value: object) -> bool:
 
 # The spool of this process, per settings.
 
-_spools: dict[tuple[str, int, float, str | None], Spool] = {}
+_spools: dict[tuple[str, int, float, str | None, frozenset[str] | None], Spool] = {}
 _spools_lock = threading.Lock()
 _reported: set[str] = set()
 _inherited: list[sqlite3.Connection] = []
@@ -603,7 +610,19 @@ def get_spool(conf: Settings | None = None) -> Spool | None:
     conf = conf or get_settings()
     if conf.ON_ENQUEUE_FAILURE == "log":
         return None
-    key = (conf.SPOOL_DIR or default_dir(), conf.SPOOL_MAX_BYTES, conf.SPOOL_MAX_AGE, conf.API_KEY)
+    sites = conf.SITES
+    site_keys = (
+        None
+        if isinstance(sites, str)
+        else frozenset(k for k in (sites or {}).values() if k is not None)
+    )
+    key = (
+        conf.SPOOL_DIR or default_dir(),
+        conf.SPOOL_MAX_BYTES,
+        conf.SPOOL_MAX_AGE,
+        conf.API_KEY,
+        site_keys,
+    )
     spool = _spools.get(key)
     if spool is None:
         with _spools_lock:
@@ -614,6 +633,7 @@ def get_spool(conf: Settings | None = None) -> Spool | None:
                     max_bytes=conf.SPOOL_MAX_BYTES,
                     max_age=conf.SPOOL_MAX_AGE,
                     api_key=conf.API_KEY,
+                    site_keys=site_keys,
                 ),
             )
     return spool

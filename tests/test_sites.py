@@ -265,6 +265,8 @@ def test_a_spooled_batch_is_replayed_with_its_key(
         "BACKEND": "celery",
         "TRACKING_URL": tracker.url,
         "API_KEY": "worker-key",
+        # The site's settings name both keys: entries of other keys are another site's.
+        "SITES": {"shop.test": "shop-key", "blog.test": "blog-key"},
         "SPOOL_DIR": str(tmp_path),
         **FAST,
     }
