@@ -104,8 +104,9 @@ class _FastProtocol(asyncio.Protocol):
     as little as possible per request.
     """
 
-    def __init__(self, counter: list[int]) -> None:
+    def __init__(self, counter: list[int], delay: float = 0.0) -> None:
         self.counter = counter
+        self.delay = delay
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
@@ -125,6 +126,15 @@ class _FastProtocol(asyncio.Protocol):
             answers += 1
         if answers and self.transport is not None:
             self.counter[0] += answers
+            if self.delay:
+                # A tracker far away: the answer leaves ``delay`` seconds later, and the
+                # loop serves every other connection meanwhile.
+                asyncio.get_running_loop().call_later(self.delay, self._answer, answers)
+            else:
+                self.transport.write(_RESPONSE * answers)
+
+    def _answer(self, answers: int) -> None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_RESPONSE * answers)
 
 
@@ -166,14 +176,16 @@ class _BatchProtocol(_FastProtocol):
                 self.transport.write(_JSON_RESPONSE)
 
 
-def _serve_fast(conn: Connection, marker: bytes | None = None) -> None:
+def _serve_fast(conn: Connection, marker: bytes | None = None, delay: float = 0.0) -> None:
     counter = [0]
     loop = asyncio.new_event_loop()
 
     def protocol() -> asyncio.Protocol:
-        return _FastProtocol(counter) if marker is None else _BatchProtocol(counter, marker)
+        if marker is None:
+            return _FastProtocol(counter, delay)
+        return _BatchProtocol(counter, marker)
 
-    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0, backlog=256))
+    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0, backlog=4096))
     port = server.sockets[0].getsockname()[1]
     threading.Thread(target=loop.run_forever, daemon=True).start()
     _control(conn, port, lambda: counter[0], lambda: counter.__setitem__(0, 0))
@@ -222,7 +234,9 @@ def _control(
 class TrackerProcess:
     """A stand-in tracker in a child process; ``hits()`` counts the requests it answered.
 
-    ``kind="fast"``: a lean asyncio server, for throughput. ``kind="stand-in"``: the
+    ``kind="fast"``: a lean asyncio server, for throughput; with ``delay`` it holds each
+    answer that long while serving every other connection (thousands of answers a
+    second at any delay). ``kind="stand-in"``: the
     package's threaded :class:`~django_kissmetrics.testing.StandInTracker`, which holds
     every answer ``delay`` seconds, for latency. ``kind="batch"``: the lean server reading
     request bodies too, for the peers' batch APIs; ``hits()`` then counts the events in
@@ -254,7 +268,7 @@ class TrackerProcess:
         parent, child = context.Pipe()
         if self.kind == "fast":
             target: Callable[..., None] = _serve_fast
-            args: tuple[Any, ...] = (child,)
+            args: tuple[Any, ...] = (child, None, self.delay)
         elif self.kind == "batch":
             if not self.marker:
                 raise ValueError('kind="batch" counts a marker: give a non-empty one')

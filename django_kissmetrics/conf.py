@@ -87,7 +87,9 @@ class Settings:
     RETRY_BACKOFF: float = _key(2.0, "Seconds before the first retry; doubles.", minimum=0)
     RETRY_BACKOFF_MAX: float = _key(600.0, "The longest wait between retries.", minimum=0)
     CELERY_QUEUE: str | None = _key(None, "Queue of the delivery task; None: the default.")
-    DELIVERY_CONCURRENCY: int = _key(16, "Calls in flight while delivering a batch.", minimum=1)
+    DELIVERY_CONCURRENCY: int = _key(
+        256, "Calls a worker process has in flight to the tracker (and connections).", minimum=1
+    )
     PUBLISH: str = _key(
         "background", "Publish off the request or inline.", choices=("background", "inline")
     )

@@ -1,41 +1,58 @@
-"""Delivering commands to the tracking server, and what happens to those that fail."""
+"""Delivering commands to the tracking server, and reporting those that are lost.
+
+What becomes of a command that was not delivered (a retry, the spool, or giving up) is
+decided in :mod:`django_kissmetrics.undelivered`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .client import KissmetricsClient
 from .commands import Command
 from .conf import get_settings
 from .exceptions import TrackingError
 from .signals import delivery_failed
+
+if TYPE_CHECKING:
+    from .client import KissmetricsClient
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["client", "deliver", "deliver_now", "give_up"]
 
 
-def client() -> KissmetricsClient:
-    """A client configured from the ``KISSMETRICS`` setting."""
+def client(key: str | None = None) -> KissmetricsClient:
+    """A client configured from the ``KISSMETRICS`` setting; ``key`` instead of ``API_KEY``.
+
+    Cheap to make: every client of a process shares its connections to the tracker.
+    """
+    # Imported here: the HTTP client is for workers; a web process never loads it.
+    from .client import KissmetricsClient
+
     conf = get_settings()
-    if not conf.API_KEY:
+    key = key or conf.API_KEY
+    if not key:
         raise TrackingError("KISSMETRICS['API_KEY'] is not set")
-    return KissmetricsClient(conf.API_KEY, url=conf.TRACKING_URL, timeout=conf.TIMEOUT)
+    return KissmetricsClient(
+        key, url=conf.TRACKING_URL, timeout=conf.TIMEOUT, concurrency=conf.DELIVERY_CONCURRENCY
+    )
 
 
 def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
-    """Send ``commands`` over the pooled client; return the ones that failed."""
+    """Send ``commands`` with ``DELIVERY_CONCURRENCY`` calls in flight; return those that failed."""
     if not commands:
         return []
-    conf = get_settings()
     api = client()
-    # Aliases go first, so that a batch's events land on a person already joined.
+    # Aliases go first, one at a time, so that a batch's events land on a person
+    # already joined.
     aliases = [c for c in commands if c.kind == "alias"]
-    others = [c for c in commands if c.kind != "alias"]
-    failures = api.send_many(aliases, concurrency=1)
-    return failures + api.send_many(others, concurrency=conf.DELIVERY_CONCURRENCY)
+    failures = api.send_many(aliases, concurrency=1) if aliases else []
+    if len(aliases) == len(commands):
+        return failures
+    return failures + api.send_many([c for c in commands if c.kind != "alias"])
 
 
 def deliver_now(commands: Sequence[Command], reason: str) -> None:
