@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -176,6 +177,58 @@ class _BatchProtocol(_FastProtocol):
                 self.transport.write(_JSON_RESPONSE)
 
 
+class _RecordingProtocol(_FastProtocol):
+    """The lean server, noting each event's ``seq`` and ``_t`` (for end-to-end counts)."""
+
+    def __init__(self, counter: list[int], delay: float, seen: dict[str, Any]) -> None:
+        super().__init__(counter, delay)
+        self.seen = seen
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self.buffer + data).split(b"\r\n\r\n")
+        for request in lines[:-1]:
+            target = request.split(b" ", 2)[1].decode("latin-1")
+            params = dict(parse_qsl(urlsplit(target).query))
+            seq = params.get("seq")
+            if seq is not None:
+                counts = self.seen["counts"]
+                counts[seq] = counts.get(seq, 0) + 1
+                if params.get("_d") == "1" and params.get("_t", "").isdigit():
+                    self.seen["stamps"][seq] = int(params["_t"])
+                self.seen["last"] = time.time()
+        super().data_received(data)
+
+
+def _serve_recording(conn: Connection, delay: float) -> None:
+    counter = [0]
+    seen: dict[str, Any] = {"counts": {}, "stamps": {}, "last": None}
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(
+        loop.create_server(
+            lambda: _RecordingProtocol(counter, delay, seen), "127.0.0.1", 0, backlog=4096
+        )
+    )
+    port = server.sockets[0].getsockname()[1]
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def report() -> dict[str, Any]:
+        # Read in the loop's thread: the dicts change there.
+        async def copy() -> dict[str, Any]:
+            return {
+                "counts": dict(seen["counts"]),
+                "stamps": dict(seen["stamps"]),
+                "last": seen["last"],
+            }
+
+        return asyncio.run_coroutine_threadsafe(copy(), loop).result()
+
+    def reset() -> None:
+        counter[0] = 0
+        seen.update(counts={}, stamps={}, last=None)
+
+    _control(conn, port, report, reset)
+
+
 def _serve_fast(conn: Connection, marker: bytes | None = None, delay: float = 0.0) -> None:
     counter = [0]
     loop = asyncio.new_event_loop()
@@ -213,7 +266,7 @@ def _serve_stand_in(conn: Connection, delay: float) -> None:
 
 
 def _control(
-    conn: Connection, port: int, hits: Callable[[], int], reset: Callable[[], None]
+    conn: Connection, port: int, hits: Callable[[], Any], reset: Callable[[], None]
 ) -> None:
     conn.send(port)
     while True:
@@ -240,7 +293,8 @@ class TrackerProcess:
     package's threaded :class:`~django_kissmetrics.testing.StandInTracker`, which holds
     every answer ``delay`` seconds, for latency. ``kind="batch"``: the lean server reading
     request bodies too, for the peers' batch APIs; ``hits()`` then counts the events in
-    them (each occurrence of ``marker``).
+    them (each occurrence of ``marker``). ``kind="recording"``: the lean server with
+    ``delay``, noting each event's ``seq`` property and ``_t``; :meth:`seen` reads them.
     """
 
     def __init__(self, kind: str = "fast", delay: float = 0.0, marker: bytes = b"") -> None:
@@ -269,6 +323,8 @@ class TrackerProcess:
         if self.kind == "fast":
             target: Callable[..., None] = _serve_fast
             args: tuple[Any, ...] = (child, None, self.delay)
+        elif self.kind == "recording":
+            target, args = _serve_recording, (child, self.delay)
         elif self.kind == "batch":
             if not self.marker:
                 raise ValueError('kind="batch" counts a marker: give a non-empty one')
@@ -291,6 +347,12 @@ class TrackerProcess:
     def hits(self) -> int:
         """Requests answered since the last :meth:`reset`."""
         return int(self._ask("hits"))
+
+    def seen(self) -> dict[str, Any]:
+        """``kind="recording"``: ``counts`` (seq -> hits), ``stamps`` (seq -> ``_t``) and
+        ``last`` (the time of the last hit)."""
+        result: dict[str, Any] = self._ask("hits")
+        return result
 
     def reset(self) -> None:
         """Forget the hits."""
