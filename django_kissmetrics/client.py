@@ -16,6 +16,7 @@ import datetime as dt
 import os
 import threading
 import urllib.request
+import warnings
 from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
@@ -138,6 +139,19 @@ def close() -> None:
     engine = _engine
     if engine is not None and engine.thread.is_alive():
         engine.run(engine.close())
+
+
+def __getattr__(name: str) -> Any:
+    # POOL_SIZE bounded the threads of the client before it ran on an event loop.
+    if name == "POOL_SIZE":
+        warnings.warn(
+            "django_kissmetrics.client.POOL_SIZE is deprecated: the calls in flight are "
+            "KISSMETRICS['DELIVERY_CONCURRENCY'] (client.DEFAULT_CONCURRENCY)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return DEFAULT_CONCURRENCY
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _proxy_for(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:

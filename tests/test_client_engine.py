@@ -174,3 +174,8 @@ def test_tls_certificates_are_verified(https_tracker: StandInTracker) -> None:
         KissmetricsClient("k", url=url, timeout=5).record("p", "Untrusted")
     assert time.monotonic() - started < 5
     assert https_tracker.hits == []
+
+
+def test_pool_size_is_deprecated_for_delivery_concurrency() -> None:
+    with pytest.warns(DeprecationWarning, match="DELIVERY_CONCURRENCY"):
+        assert client_module.POOL_SIZE == client_module.DEFAULT_CONCURRENCY
