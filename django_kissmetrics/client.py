@@ -91,8 +91,8 @@ class _Engine:
 
 
 def _new_session(connections: int) -> aiohttp.ClientSession:
-    # Proxies are read from the environment once per session (below), not by aiohttp per
-    # call: trust_env makes every call look them up, and netrc, in a helper thread.
+    # Proxies are read from the environment when a client is made (_proxy_for), not by
+    # aiohttp on every call: trust_env looks them up, and netrc, in a helper thread per call.
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
         headers={"User-Agent": USER_AGENT},
