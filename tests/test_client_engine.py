@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -146,22 +144,15 @@ def test_the_proxy_comes_from_the_environment(
 
 
 @pytest.fixture
-def https_tracker(tmp_path: Path) -> Iterator[StandInTracker]:
-    """The stand-in behind TLS with a self-signed certificate nobody trusts."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
+def https_tracker() -> Iterator[StandInTracker]:
+    """The stand-in behind TLS, with a certificate from a CA nobody trusts."""
+    import trustme
+
     tracker = StandInTracker().start()
     server = tracker._server
     assert isinstance(server, ThreadingHTTPServer)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     yield tracker
     tracker.stop()
