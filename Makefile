@@ -70,6 +70,8 @@ $(BIN)/.bench-installed: pyproject.toml $(BIN)/.installed
 
 bench: setup $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/delivery.py
+	$(BIN)/python benchmarks/clients.py
+	$(BIN)/python benchmarks/end_to_end.py
 	$(BIN)/python benchmarks/request.py
 	$(BIN)/python benchmarks/request.py --peers
 	$(BIN)/python benchmarks/request.py --tasks

@@ -145,7 +145,9 @@ class Settings:
     CELERY_QUEUE: str | None = _key(None, "Queue of the delivery task; None: the default.")
     TASKS_BACKEND: str = _key("default", "With BACKEND tasks: the TASKS alias to enqueue on.")
     TASKS_QUEUE: str | None = _key(None, "With BACKEND tasks: the queue; None: the default.")
-    DELIVERY_CONCURRENCY: int = _key(16, "Calls in flight while delivering a batch.", minimum=1)
+    DELIVERY_CONCURRENCY: int = _key(
+        256, "Calls a worker process has in flight to the tracker (and connections).", minimum=1
+    )
     PUBLISH: str = _key(
         "background", "Publish off the request or inline.", choices=("background", "inline")
     )

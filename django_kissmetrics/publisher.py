@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from . import undelivered
 from .commands import Command, loggable
 from .conf import get_settings
 
@@ -48,7 +49,6 @@ def try_publish(commands: Sequence[Command]) -> BaseException | None:
         return try_enqueue(commands)
     from celery.result import EagerResult
 
-    from . import delivery
     from .tasks import deliver
 
     try:
@@ -71,38 +71,8 @@ def try_publish(commands: Sequence[Command]) -> BaseException | None:
     # is a round trip to the result backend, and without one it raises, which would
     # report a queued batch as lost (and deliver it twice with ON_ENQUEUE_FAILURE="sync").
     if isinstance(result, EagerResult) and result.failed():
-        delivery.give_up(commands, result.result, "eager delivery failed")
+        undelivered.give_up(commands, result.result, "eager delivery failed")
     return None
-
-
-def _unqueued(commands: Sequence[Command], exc: BaseException) -> bool:
-    """Deal with ``commands`` the broker did not take, as ``ON_ENQUEUE_FAILURE`` says.
-
-    Runs in the publisher thread (or, once a stop was signalled, in the caller). True
-    when they were spooled.
-    """
-    from . import delivery, spool
-
-    how = get_settings().ON_ENQUEUE_FAILURE
-    if how == "log":
-        delivery.give_up(commands, exc, "could not queue")
-        return False
-    if how == "sync":
-        logger.warning("Kissmetrics: could not queue (%s); delivering directly", exc)
-        try:
-            failures = delivery.deliver(commands)
-        except Exception as error:
-            return spool.keep(commands, error, "broker down, direct delivery failed")
-        delivery.give_up(
-            [c for c, e in failures if not e.retriable],
-            failures[-1][1] if failures else None,
-            "refused by the server",
-        )
-        retriable = [c for c, e in failures if e.retriable]
-        return bool(retriable) and spool.keep(
-            retriable, failures[-1][1], "broker down, direct delivery failed"
-        )
-    return spool.keep(commands, exc, "could not queue")
 
 
 def publish(commands: Sequence[Command]) -> bool:
@@ -113,7 +83,7 @@ def publish(commands: Sequence[Command]) -> bool:
     exc = try_publish(commands)
     if exc is None:
         return True
-    _unqueued(commands, exc)
+    undelivered.unqueued(commands, exc)
     return False
 
 
@@ -128,7 +98,7 @@ def publish_inline(commands: Sequence[Command]) -> None:
     if exc is None:
         return
     if _stop_signalled or get_settings().ON_ENQUEUE_FAILURE == "log":
-        _unqueued(commands, exc)
+        undelivered.unqueued(commands, exc)
     else:
         get_publisher().take_unqueued(commands, exc)
 
@@ -182,9 +152,7 @@ class Publisher:
     def submit(self, commands: Sequence[Command]) -> None:
         """Hand ``commands`` over without blocking; log them if the buffer is full."""
         if len(self.pending) >= self.maxsize:
-            from .delivery import give_up
-
-            give_up(commands, None, "publisher queue full")
+            undelivered.give_up(commands, None, "publisher queue full")
             return
         self.pending.append(tuple(commands))
         if self.stop_signalled:
@@ -261,9 +229,7 @@ class Publisher:
             self.in_flight = chunk
             try:
                 if self.outage:
-                    from .spool import keep
-
-                    keep(chunk, None, "broker down")
+                    undelivered.keep(chunk, None, "broker down", replay=False)
                 elif publish(chunk) is False:
                     self._broker_failed()
             finally:
@@ -273,7 +239,7 @@ class Publisher:
         self, commands: Sequence[Command] = (), exc: BaseException | None = None
     ) -> None:
         if commands and exc is not None:
-            _unqueued(commands, exc)
+            undelivered.unqueued(commands, exc)
         how = get_settings().ON_ENQUEUE_FAILURE
         if how == "log":
             return
@@ -357,6 +323,15 @@ def get_publisher() -> Publisher:
                 # A stop signalled while it was being made saw no publisher to tell.
                 _publisher.stop_signalled = _publisher.stop_signalled or _stop_signalled
     return _publisher
+
+
+def _replay_spooled(delay: float) -> None:
+    # Commands this process spooled (a worker's, past MAX_RETRIES): its publisher
+    # thread replays them through the broker once due, unless another process does first.
+    get_publisher().replay_after(delay)
+
+
+undelivered.on_spooled(_replay_spooled)
 
 
 def flush(timeout: float = 5.0) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
 
-from . import delivery, publisher, spool
+from . import delivery, publisher, spool, undelivered
 from .commands import Command
 from .conf import Settings, get_settings
 from .exceptions import TrackingError
@@ -152,7 +152,7 @@ def _deliver(batch: list[Command], attempt: int, conf: Settings) -> int:
             _spool(commands, error, reason, delay=conf.RETRY_BACKOFF_MAX)
         else:
             retry_after = max((e.retry_after or 0.0) for _, e in retriable) or None
-            delay = delivery.backoff(attempt, retry_after)
+            delay = undelivered.backoff(attempt, retry_after)
             failed = _enqueue([c.to_wire() for c in commands], attempt + 1, delay)
             if failed is not None:
                 # A queue that is down, or one that cannot defer (the immediate backend):
