@@ -422,8 +422,8 @@ def compare(options: argparse.Namespace) -> int:
             print(f"--before {before}: no django_kissmetrics package there")
             return 2
         checkouts[f"{OURS} ({before.name})"] = str(before)
-    ours = [OURS, *([OURS_WITHOUT_HOOKS] if options.hooks else []), *checkouts]
-    names = [*ours, *PEERS]
+    variants = [OURS, *([OURS_WITHOUT_HOOKS] if options.hooks else []), *checkouts]
+    names = [*variants, *PEERS]
     n, rounds = options.requests, options.rounds
     print("benchmarks/request.py --peers: one event per request, each library in its own process")
     print(_common.machine())
@@ -494,7 +494,7 @@ def compare(options: argparse.Namespace) -> int:
     for name, (count, good) in delivered.items():
         if not good:
             print(f"ERROR: {name}: {count:,} events arrived, expected {expected:,}")
-    for name in ours[1:]:
+    for name in variants[1:]:
         print(
             f"{name}: "
             + ", ".join(
