@@ -347,6 +347,7 @@ def test_a_separate_process_publishes_everything_before_it_exits(
     manage("shell", "-c", create)
     out = manage("kissmetrics_backfill", "signups").stdout
     assert "1200 rows read, 1200 commands sent in 3 deliveries" in out
+
     # A call that outlived TIMEOUT on this loaded in-process stand-in may have been
     # counted before its retry: the same _p, _n and _t, which Kissmetrics de-duplicates.
     def distinct() -> list[Any]:
