@@ -13,7 +13,9 @@ import dataclasses
 import io
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -130,8 +132,8 @@ urlpatterns = [
 ]
 
 
-def environ(path: str, cookie: str | None) -> dict[str, Any]:
-    """A browser's GET as a WSGI server hands it over."""
+def environ(path: str, cookie: str | None, visitor: str = "") -> dict[str, Any]:
+    """A browser's GET as a WSGI server hands it over (``visitor``: see VISITOR_ENVIRON)."""
     env: dict[str, Any] = {
         "REQUEST_METHOD": "GET",
         "SCRIPT_NAME": "",
@@ -157,12 +159,18 @@ def environ(path: str, cookie: str | None) -> dict[str, Any]:
     }
     if cookie is not None:
         env["HTTP_COOKIE"] = cookie
+    env.update(VISITOR_ENVIRON.get(visitor, {}))
     return env
 
 
 def runner(handler: Any, env: dict[str, Any], count: int) -> Callable[[], None]:
-    """Serve ``count`` requests through ``handler`` as a WSGI server would."""
+    """Serve ``count`` requests through ``handler`` as a WSGI server would.
+
+    A visit cookie (``--auto-events``) is stamped afresh each round, as the browser of a
+    visitor inside a visit would hold it.
+    """
     statuses: list[str] = []
+    visiting = f"{VISIT_COOKIE}=" in env.get("HTTP_COOKIE", "")
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         statuses.append(status)
@@ -170,6 +178,9 @@ def runner(handler: Any, env: dict[str, Any], count: int) -> Callable[[], None]:
 
     def run() -> None:
         statuses.clear()
+        if visiting:
+            stamp = f"{VISIT_COOKIE}={int(time.time())}"
+            env["HTTP_COOKIE"] = _VISIT.sub(stamp, env["HTTP_COOKIE"])
         for _ in range(count):
             request_env = dict(env)
             request_env["wsgi.input"] = io.BytesIO(b"")
@@ -205,6 +216,11 @@ def queued_commands(client: Any, queue: str) -> list[Command]:
         args, _kwargs, _embed = json.loads(body)
         commands.extend(Command.from_wire(c) for c in args[0])
     return commands
+
+
+def events_in(commands: list[Command]) -> int:
+    """How many of ``commands`` are the benchmark's event (not an acquisition event)."""
+    return sum(c.kind == "record" and c.name == EVENT for c in commands)
 
 
 def clean_up(client: Any, queue: str) -> None:
@@ -277,6 +293,29 @@ def add_consent_cookie() -> None:
         VISITORS[label] = "; ".join(c for c in (cookie, CONSENT_COOKIE) if c)
 
 
+#: ``--auto-events``: every ``AUTO_EVENTS`` item on. The returning visitor is inside a visit
+#: (the visit cookie), the first visit comes straight in (one ``Visited Site``), and a third
+#: visitor, a first visit from a Google search by a campaign link, records all four.
+AUTO_EVENTS = ["Visited Site", "Ad Campaign Hit", "Search Engine Hit", "Referrer"]
+VISIT_COOKIE = "km_visit"
+#: ``--auto-events``: the visitor arriving by a campaign link from a search (not judged:
+#: five commands against the peers' one event).
+CAMPAIGN_VISIT = "campaign first visit"
+_VISIT = re.compile(rf"{VISIT_COOKIE}=\d+")
+#: Visitor -> the headers and query string of their requests besides the cookie.
+VISITOR_ENVIRON: dict[str, dict[str, str]] = {}
+
+
+def add_auto_events() -> None:
+    """``--auto-events``: the visitors of the acquisition events (the plain site ignores them)."""
+    VISITORS["returning visitor"] = f"{VISITORS['returning visitor']}; {VISIT_COOKIE}=0"
+    VISITORS[CAMPAIGN_VISIT] = None
+    VISITOR_ENVIRON[CAMPAIGN_VISIT] = {
+        "QUERY_STRING": "utm_source=newsletter&utm_medium=email&utm_campaign=launch",
+        "HTTP_REFERER": "https://www.google.com/search?q=kanban+for+small+teams",
+    }
+
+
 @dataclasses.dataclass
 class Site:
     """The two handlers and the broker the tracked one publishes to."""
@@ -289,8 +328,11 @@ class Site:
     queue: str
 
 
-def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
-    """Configure Django, a Celery app on the Redis broker, and the two handlers."""
+def build_site(
+    args: argparse.Namespace, *, django_settings: dict[str, Any] | None = None, **km_overrides: Any
+) -> Site:
+    """Configure Django (plus ``django_settings``), a Celery app on the Redis broker, and the
+    two handlers."""
     queue = km_overrides.get("CELERY_QUEUE", f"km-bench-request-{os.getpid()}")
     base_middleware = STACKS[args.stack]
     tracked_middleware = [*base_middleware, "django_kissmetrics.middleware.KissmetricsMiddleware"]
@@ -301,6 +343,7 @@ def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
         # Never contacted: no worker consumes the queue.
         "TRACKING_URL": "http://127.0.0.1:9",
         **({"CONSENT": "_site.banner_consent"} if args.consent else {}),
+        **({"AUTO_EVENTS": AUTO_EVENTS} if getattr(args, "auto_events", False) else {}),
         **hook_settings(args),
         **km_overrides,
     }
@@ -309,6 +352,7 @@ def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
         MIDDLEWARE=tracked_middleware,
         KISSMETRICS=km_settings,
         TEMPLATES=TEMPLATE_SETTINGS,
+        **(django_settings or {}),
     )
     import redis
     from celery import Celery
@@ -329,6 +373,8 @@ def check_queue(client: Any, queue: str, expected: int, *, quiet: bool = False) 
     commands = queued_commands(client, queue)
     messages = client.llen(queue)
     good = [c for c in commands if c.kind == "record" and c.name == EVENT]
+    # --auto-events: the acquisition events of first visits come on top.
+    commands = [c for c in commands if c.name not in AUTO_EVENTS and c.kind != "set"]
     if not quiet:
         print(
             f"\nqueued: {len(good)} commands in {messages} Celery messages for {expected} "

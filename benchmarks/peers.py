@@ -203,8 +203,11 @@ PEERS: dict[str, type[Peer]] = {
     "segment track": Segment,
     "py-KISSmetrics": PyKissmetrics,
 }
-#: The measured cases: (view, visitor).
-CASES = [(view, visitor) for view in _site.VIEWS for visitor in _site.VISITORS]
+
+
+def measured_cases() -> list[tuple[str, str]]:
+    """(view, visitor) of each measured case (``--auto-events`` adds a visitor)."""
+    return [(view, visitor) for view in _site.VIEWS for visitor in _site.VISITORS]
 
 
 class _Variant:
@@ -226,12 +229,12 @@ class _Variant:
             tracked, plain = self._build_peer(name, options)
             paths = {view: (PEER_VIEWS[view], _site.VIEWS[view][1]) for view in _site.VIEWS}
         self.runs: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
-        for view, visitor in CASES:
+        for view, visitor in measured_cases():
             cookie = _site.VISITORS[visitor]
             tracked_path, plain_path = paths[view]
             self.runs[f"{view}|{visitor}"] = (
-                _site.runner(tracked, _site.environ(tracked_path, cookie), self.n),
-                _site.runner(plain, _site.environ(plain_path, cookie), self.n),
+                _site.runner(tracked, _site.environ(tracked_path, cookie, visitor), self.n),
+                _site.runner(plain, _site.environ(plain_path, cookie, visitor), self.n),
             )
 
     def _build_peer(self, name: str, options: argparse.Namespace) -> tuple[Any, Any]:
@@ -306,7 +309,7 @@ class _Variant:
         self.flush()
         if (site := self.site) is not None:
             good = _site.check_queue(site.client, site.queue, expected, quiet=True)
-            count = len(_site.queued_commands(site.client, site.queue))
+            count = _site.events_in(_site.queued_commands(site.client, site.queue))
             _site.clean_up(site.client, site.queue)
             return count, good
         assert self.tracker is not None
@@ -333,6 +336,8 @@ def _child(conn: Connection, name: str, options: argparse.Namespace) -> None:
     """A variant's process: build the site, then answer the parent's requests."""
     if options.consent:
         _site.add_consent_cookie()
+    if getattr(options, "auto_events", False):
+        _site.add_auto_events()
     variant = _Variant(name, options)
     try:
         variant.round(0)  # Warm-up: imports, caches, connections.
@@ -424,8 +429,14 @@ def compare(options: argparse.Namespace) -> int:
     print(_common.machine())
     print(
         f"middleware ({options.stack}); {n} requests per round and case, {rounds} rounds; "
-        f"CONSENT: {'a function reading the banner cookie' if options.consent else 'None'}"
+        f"CONSENT: {'a function reading the banner cookie' if options.consent else 'None'}; "
+        f"AUTO_EVENTS: {', '.join(_site.AUTO_EVENTS) if options.auto_events else 'none'}"
     )
+    if options.auto_events:
+        print(
+            "  (ours records them: a returning visitor is inside a visit, a first visit records "
+            "Visited Site, a campaign first visit from a Google search all four)"
+        )
     print(_site.hooks_label(options))
     added: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     delivered: dict[str, tuple[int, bool]] = {}
@@ -436,12 +447,12 @@ def compare(options: argparse.Namespace) -> int:
                 conns[name].send(("round", number))
                 for case, (tracked, plain) in conns[name].recv().items():
                     added[name].setdefault(case, []).append(tracked - plain)
-        expected = (rounds + 1) * len(CASES) * n  # The warm-up round included.
+        expected = (rounds + 1) * len(measured_cases()) * n  # The warm-up round included.
         for name in names:
             conns[name].send(("done", expected))
             delivered[name] = conns[name].recv()
 
-    cases = [f"{view}|{visitor}" for view, visitor in CASES]
+    cases = [f"{view}|{visitor}" for view, visitor in measured_cases()]
 
     def cell(values: list[float]) -> str:
         if len(values) < 2:
@@ -465,10 +476,13 @@ def compare(options: argparse.Namespace) -> int:
     for case in cases:
         ours = median(added[OURS][case])
         cheapest = min(PEERS, key=lambda name: median(added[name][case]))
-        limit = BUDGET[case.split("|")[1]]
+        limit = BUDGET.get(case.split("|")[1])
         floor = median(added[cheapest][case])
         # A peer that seems to cost nothing or less is noise, not a measure: no verdict.
         ratio = ours / floor if floor > 0 else float("nan")
+        if limit is None:  # --auto-events' campaign visit: reported, not judged.
+            verdicts.append([case.replace("|", ", "), cheapest, f"{ratio:.2f}x", "", "not judged"])
+            continue
         met = ratio <= limit
         ok = ok and met
         verdict = "OK" if met else ("MISSED" if floor > 0 else "INCONCLUSIVE")

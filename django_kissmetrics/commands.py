@@ -9,22 +9,27 @@ import datetime as dt
 import decimal
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
+from urllib.parse import quote_plus
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_NAME_LENGTH",
+    "MAX_URL_BYTES",
     "MAX_VALUE_BYTES",
     "Command",
     "CommandKind",
+    "loggable",
     "make_alias",
     "make_record",
     "make_set",
+    "nameless_properties",
     "normalised",
     "to_timestamp",
 ]
@@ -33,6 +38,10 @@ __all__ = [
 MAX_NAME_LENGTH = 255
 #: Property values longer than this many UTF-8 bytes are truncated.
 MAX_VALUE_BYTES = 8192
+#: The longest URL a command may make: its longest values are cut to fit.
+MAX_URL_BYTES = 8192
+#: What :data:`MAX_URL_BYTES` keeps for the tracking URL, the API key, ``_t`` and ``_d``.
+_URL_RESERVE = 320
 
 CommandKind = Literal["record", "set", "alias"]
 PATHS: dict[str, str] = {"record": "/e", "set": "/s", "alias": "/a"}
@@ -132,6 +141,8 @@ class Command(NamedTuple):
 
 def to_timestamp(value: dt.datetime | float | int | str | None) -> int:
     """Whole Unix seconds from a datetime, a number, numeric text or ``None`` (now)."""
+    if type(value) is int:
+        return value
     if value is None:
         return int(time.time())
     if isinstance(value, dt.datetime):
@@ -254,6 +265,26 @@ def _property_name(raw_name: object, cleaned: str) -> str:
     return name
 
 
+def _back_date(value: object) -> float | None:
+    """A ``_t`` property's time: only a finite number; anything else is dropped.
+
+    Properties are often visitor input (``request.GET.dict()``): text there must neither
+    fail the request nor set the event's time.
+    """
+    if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = math.nan
+        if math.isfinite(number) and abs(number) < 2**40:
+            return number
+    logger.warning(
+        "Kissmetrics property _t dropped: it is not a number of Unix seconds (%s)",
+        type(value).__name__,
+    )
+    return None
+
+
 def _properties(
     properties: Mapping[str, Any] | None, timestamp: dt.datetime | float | int | None
 ) -> tuple[dict[str, str], int]:
@@ -277,7 +308,7 @@ def _properties(
         if cleaned == "_t":
             # The documented back-dating form: record("Signed Up", {"_d": 1, "_t": ...}).
             if timestamp is None and value is not None:
-                when = value
+                when = _back_date(value)
             continue
         if cleaned == "_d" or value is None:
             continue  # _d: always sent as 1, as every command carries its time.
@@ -291,6 +322,78 @@ def _properties(
         else:
             out[name] = _value(value)
     return out, int(time.time()) if when is None else to_timestamp(when)
+
+
+def _fit_url(person: str, name: str | None, props: dict[str, str]) -> dict[str, str]:
+    """``props`` cut so that the command's URL stays within :data:`MAX_URL_BYTES`.
+
+    The longest values are cut first, to a common length; properties that cannot fit
+    even with empty values are dropped. Either is logged at WARNING.
+    """
+    size = sum(map(len, props)) + sum(map(len, props.values()))
+    # Percent-encoding makes a character at most 12 bytes (4 UTF-8 bytes, 3 each):
+    # nearly every command is far below the limit and costs only the sums above.
+    budget = MAX_URL_BYTES - _URL_RESERVE - 12 * (len(person) + len(name or ""))
+    if 12 * size + 2 * len(props) <= budget:
+        return props
+    budget = MAX_URL_BYTES - _URL_RESERVE - len(quote_plus(person)) - len(quote_plus(name or ""))
+    names = {k: len(quote_plus(k)) + 2 for k in props}  # "&k=".
+    values = {k: len(quote_plus(v)) for k, v in props.items()}
+    if sum(names.values()) + sum(values.values()) <= budget:
+        return props
+    out = props
+    used = sum(names.values())
+    if used > budget // 2:
+        # So many names that values would have no room: keep the first ones.
+        out, used = {}, 0
+        for k, v in props.items():
+            if used + names[k] > budget // 2:
+                break
+            out[k], used = v, used + names[k]
+        logger.warning(
+            "Kissmetrics command cut to %d of %d properties: its URL would pass %d bytes",
+            len(out),
+            len(props),
+            MAX_URL_BYTES,
+        )
+        values = {k: values[k] for k in out}
+    room = budget - used
+    if sum(values.values()) <= room:
+        return out
+    out = dict(out)
+    # The common cap of the longest values: the largest c with sum(min(v, c)) <= room.
+    lengths = sorted(values.values())
+    cap, left = 0, room
+    for n, length in enumerate(lengths):
+        share = left // (len(lengths) - n)
+        if length > share:
+            cap = share
+            break
+        left -= length
+    else:  # pragma: no cover  (everything fitted: returned above)
+        return out
+    for k, length in values.items():
+        if length > cap:
+            out[k] = _fit_encoded(props[k], cap)
+    logger.warning(
+        "Kissmetrics property values cut to %d encoded bytes: the command's URL would "
+        "pass %d bytes",
+        cap,
+        MAX_URL_BYTES,
+    )
+    return out
+
+
+def _fit_encoded(text: str, budget: int) -> str:
+    """The longest start of ``text`` whose percent-encoded form takes ``budget`` bytes."""
+    low, high = 0, min(len(text), budget)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(quote_plus(text[:middle])) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
 
 
 def make_record(
@@ -316,8 +419,30 @@ def _record(
     if name is None:
         name = _event_name(event)
     props, ts = _properties(properties, timestamp)
+    if props:
+        props = _fit_url(person, name, props)
     # tuple.__new__, not Command(...): the named tuple's __new__ is one more Python call.
     return _new_tuple(Command, ("record", person, name, props, ts, api_key))
+
+
+def nameless_properties(
+    event: object, properties: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The properties to set when ``record`` names no event; ``None`` when it names one.
+
+    As in every Kissmetrics library, ``record`` without a name is ``set``: ``record(None,
+    props)``, ``record("", props)`` and ``record(props)`` all set ``props``.
+    """
+    if event is None or (type(event) is str and not event):
+        return {} if properties is None else properties
+    if isinstance(event, Mapping):
+        if properties is not None:
+            raise TypeError(
+                "Kissmetrics record(properties) takes the properties once: "
+                "record(properties) or record(None, properties)"
+            )
+        return event
+    return None
 
 
 def make_set(
@@ -328,7 +453,8 @@ def make_set(
 ) -> Command:
     """A normalised ``set`` command."""
     props, ts = _properties(properties, timestamp)
-    return Command("set", _identity(person), None, props, ts, api_key)
+    identity = _identity(person)
+    return Command("set", identity, None, _fit_url(identity, None, props), ts, api_key)
 
 
 def make_alias(person: object, identity: object, api_key: str | None = None) -> Command:
@@ -350,4 +476,13 @@ def normalised(command: Command) -> Command:
         return command._replace(person=_identity(command.person), properties=props)
     return command._replace(
         person=_identity(command.person), name=_event_name(command.name), properties=props
+    )
+
+
+def loggable(commands: Sequence[Command]) -> str:
+    """``commands`` as JSON for a log line: in full, so that they can be sent again by
+    hand, but with only the last four characters of each API key."""
+    return json.dumps(
+        [{**c.to_dict(), "api_key": c.api_key and "..." + c.api_key[-4:]} for c in commands],
+        ensure_ascii=False,
     )

@@ -27,9 +27,37 @@ from django.dispatch import receiver
 
 from .exceptions import KissmetricsError
 
-__all__ = ["DEFAULTS", "DOCS", "ConfigurationError", "Settings", "get_settings", "load"]
+__all__ = [
+    "AUTO_EVENT_SWITCHES",
+    "DEFAULTS",
+    "DOCS",
+    "LIBRARY_SWITCHES",
+    "ConfigurationError",
+    "Settings",
+    "get_settings",
+    "load",
+]
 
 FIVE_YEARS = 5 * 365 * 24 * 60 * 60
+
+#: The ``KM_*`` switches the Kissmetrics JavaScript library reads (``LIBRARY_SETTINGS``).
+LIBRARY_SWITCHES = (
+    "KM_SKIP_VISITED_SITE",
+    "KM_SKIP_PAGE_VIEW",
+    "KM_SKIP_UTM",
+    "KM_SKIP_SEARCH_ENGINE",
+    "KM_SKIP_REFERRER",
+    "KM_SKIP_URL",
+    "KM_SKIP_FORM_FIELDS",
+    "KM_SKIP_RETURNING",
+)
+#: Each ``AUTO_EVENTS`` item, and the switch that stops the library recording it as well.
+AUTO_EVENT_SWITCHES = {
+    "Visited Site": "KM_SKIP_VISITED_SITE",
+    "Ad Campaign Hit": "KM_SKIP_UTM",
+    "Search Engine Hit": "KM_SKIP_SEARCH_ENGINE",
+    "Referrer": "KM_SKIP_REFERRER",
+}
 
 
 class ConfigurationError(KissmetricsError, ImproperlyConfigured):
@@ -98,12 +126,14 @@ class Settings:
 
     API_KEY: str | None = _key(None, "Your site's key; without it nothing is tracked or sent.")
     TRACKING_URL: str = _key("https://trk.kissmetrics.io", "Where commands are sent (http(s)).")
-    BACKEND: str = _key("celery", "celery, sync, locmem, disabled, or a BaseBackend path.")
+    BACKEND: str = _key("celery", "celery, tasks, sync, locmem, disabled, or a BaseBackend path.")
     IDENTITY: str = _key(
         "django_kissmetrics.identity.user_identity", "Dotted path of user -> identity."
     )
     COOKIE_NAME: str = _key("km_ai", "The anonymous-id cookie the JavaScript library reads.")
-    COOKIE_DOMAIN: str | None = _key(None, "Domain of the cookie; None: the request's host.")
+    COOKIE_DOMAIN: str | None = _key(
+        None, "Domain of the cookie; None: the request's host, if ALLOWED_HOSTS names it."
+    )
     COOKIE_MAX_AGE: int = _key(FIVE_YEARS, "Lifetime of the cookie, in seconds.", minimum=0)
     SIGNUP_EVENT: str | None = _key("Signed Up", "Recorded on signup; None: none.")
     LOGIN_EVENT: str | None = _key("Logged In", "Recorded on login; None: none.")
@@ -113,7 +143,11 @@ class Settings:
     RETRY_BACKOFF: float = _key(2.0, "Seconds before the first retry; doubles.", minimum=0)
     RETRY_BACKOFF_MAX: float = _key(600.0, "The longest wait between retries.", minimum=0)
     CELERY_QUEUE: str | None = _key(None, "Queue of the delivery task; None: the default.")
-    DELIVERY_CONCURRENCY: int = _key(16, "Calls in flight while delivering a batch.", minimum=1)
+    TASKS_BACKEND: str = _key("default", "With BACKEND tasks: the TASKS alias to enqueue on.")
+    TASKS_QUEUE: str | None = _key(None, "With BACKEND tasks: the queue; None: the default.")
+    DELIVERY_CONCURRENCY: int = _key(
+        256, "Calls a worker process has in flight to the tracker (and connections).", minimum=1
+    )
     PUBLISH: str = _key(
         "background", "Publish off the request or inline.", choices=("background", "inline")
     )
@@ -126,7 +160,7 @@ class Settings:
     )
     SPOOL_DIR: str | None = _key(
         None,
-        "Folder of the spool; None: one under the temp folder, named for the project.",
+        "Folder of the spool (this user's, 0700); None: one per site under the temp folder.",
         accepts=(str, PurePath, _NONE),
         convert=_path,
     )
@@ -197,6 +231,32 @@ class Settings:
         accepts=(dict, str, _NONE),
         convert=lambda value: dict(value) if isinstance(value, dict) else value,
     )
+
+    AUTO_EVENTS: tuple[str, ...] = _key(
+        (),
+        "Acquisition events the middleware records: Visited Site, Ad Campaign Hit, "
+        "Search Engine Hit, Referrer.",
+        accepts=(list, tuple),
+        convert=tuple,
+    )
+    LIBRARY_SETTINGS: tuple[tuple[str, int], ...] = _key(
+        (),
+        "The library's KM_SKIP_* switches the tag sets, name -> bool.",
+        accepts=(dict, tuple),
+        convert=lambda value: tuple((k, int(v)) for k, v in dict(value).items()),
+    )
+
+    @functools.cached_property
+    def library_switches(self) -> tuple[tuple[str, int], ...]:
+        """The ``KM_*`` switches the tag sets before the loader, in order.
+
+        ``KM_SKIP_FORM_FIELDS`` is on unless ``LIBRARY_SETTINGS`` turns it off, and each
+        ``AUTO_EVENTS`` item turns its switch on: the server records that event instead.
+        """
+        switches = {"KM_SKIP_FORM_FIELDS": 1, **dict(self.LIBRARY_SETTINGS)}
+        for event in self.AUTO_EVENTS:
+            switches[AUTO_EVENT_SWITCHES[event]] = 1
+        return tuple(switches.items())
 
     @functools.cached_property
     def enabled(self) -> bool:
@@ -269,6 +329,39 @@ def _check_script_attributes(value: Any) -> None:
         raise _error(key, 'needs a "type" the browser does not run, such as "text/plain"')
 
 
+def _check_library(values: dict[str, Any]) -> None:
+    events = values["AUTO_EVENTS"]
+    for event in events:
+        if event not in AUTO_EVENT_SWITCHES:
+            raise _error(
+                "AUTO_EVENTS",
+                f"holds {event!r}; the events are {', '.join(map(repr, AUTO_EVENT_SWITCHES))}",
+            )
+    key = "LIBRARY_SETTINGS"
+    try:
+        switches = dict(values[key])
+    except (TypeError, ValueError):
+        raise _error(key, "must be a dict of KM_* names to True or False") from None
+    for name, value in switches.items():
+        if name == "KM_COOKIE_DOMAIN":
+            raise _error(key, "may not set KM_COOKIE_DOMAIN: the tag sets it from COOKIE_DOMAIN")
+        if name not in LIBRARY_SWITCHES:
+            raise _error(
+                key,
+                f"holds {name!r}, which the library does not read; "
+                f"the names are {', '.join(LIBRARY_SWITCHES)}",
+            )
+        if not isinstance(value, (bool, int)) or value not in (0, 1):
+            raise _error(key, f"[{name!r}] must be True or False, not {value!r}")
+        owner = next((e for e in events if AUTO_EVENT_SWITCHES[e] == name), None)
+        if owner is not None and not value:
+            raise _error(
+                key,
+                f"[{name!r}] is False while AUTO_EVENTS records {owner!r} on the server: "
+                "the library would count it a second time",
+            )
+
+
 def load(user: Any) -> Settings:
     """Validate a ``KISSMETRICS`` dict and merge it with :data:`DEFAULTS`."""
     if user is None:
@@ -293,6 +386,7 @@ def load(user: Any) -> Settings:
             "like ('//i.kissmetrics.io/i.js', '//scripts.kissmetrics.io/{key}.2.js')",
         )
     _check_script_attributes(values["CONSENT_SCRIPT_ATTRIBUTES"])
+    _check_library(values)
     for field in _FIELDS:
         convert = field.metadata["convert"]
         if convert is not None:

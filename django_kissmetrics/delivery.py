@@ -1,33 +1,47 @@
-"""Delivering commands to the tracking server, and what happens to those that fail."""
+"""Delivering commands to the tracking server, and reporting those that are lost.
+
+What becomes of a command that was not delivered (a retry, the spool, or giving up) is
+decided in :mod:`django_kissmetrics.undelivered`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .client import KissmetricsClient
-from .commands import Command
+from .commands import Command, loggable
 from .conf import get_settings
 from .exceptions import TrackingError
 from .signals import delivery_failed
+
+if TYPE_CHECKING:
+    from .client import KissmetricsClient
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["client", "deliver", "deliver_now", "give_up"]
 
 
-def client(api_key: str | None = None) -> KissmetricsClient:
-    """A client for ``api_key`` (default ``API_KEY``) as the ``KISSMETRICS`` setting says."""
+def client(key: str | None = None) -> KissmetricsClient:
+    """A client for ``key`` (default ``API_KEY``) as the ``KISSMETRICS`` setting says.
+
+    Cheap to make: every client of a process shares its connections to the tracker.
+    """
+    # Imported here: the HTTP client is for workers; a web process never loads it.
+    from .client import KissmetricsClient
+
     conf = get_settings()
-    key = api_key or conf.API_KEY
+    key = key or conf.API_KEY
     if not key:
         raise TrackingError("KISSMETRICS['API_KEY'] is not set")
-    return KissmetricsClient(key, url=conf.TRACKING_URL, timeout=conf.TIMEOUT)
+    return KissmetricsClient(
+        key, url=conf.TRACKING_URL, timeout=conf.TIMEOUT, concurrency=conf.DELIVERY_CONCURRENCY
+    )
 
 
 def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
-    """Send ``commands`` over the pooled client; return the ones that failed.
+    """Send ``commands`` with ``DELIVERY_CONCURRENCY`` calls in flight; return those that failed.
 
     Each command goes with the key it was made with; one made without a key (a message
     queued before keys travelled) goes with this process's ``API_KEY``.
@@ -47,11 +61,13 @@ def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
             failures += [(c, error) for c in group]
             continue
         api = client(key)
-        # Aliases go first, so that a batch's events land on a person already joined.
+        # Aliases go first, one at a time, so that a batch's events land on a person
+        # already joined.
         aliases = [c for c in group if c.kind == "alias"]
-        others = [c for c in group if c.kind != "alias"]
-        failures += api.send_many(aliases, concurrency=1)
-        failures += api.send_many(others, concurrency=conf.DELIVERY_CONCURRENCY)
+        if aliases:
+            failures += api.send_many(aliases, concurrency=1)
+        if len(aliases) < len(group):
+            failures += api.send_many([c for c in group if c.kind != "alias"])
     return failures
 
 
@@ -75,7 +91,7 @@ def give_up(commands: Sequence[Command], error: BaseException | None, reason: st
         len(commands),
         reason,
         error,
-        json.dumps([c.to_dict() for c in commands], ensure_ascii=False),
+        loggable(commands),
     )
     try:
         delivery_failed.send(sender=Command, commands=list(commands), error=error)

@@ -323,12 +323,24 @@ class KissmetricsPanel(Panel):
                 "commands": recording.commands,
                 "pushes": pushes,
                 "pushes_state": pushes_state,
+                "triggers": [tag_module.js_value(c) for c in (tracker.triggers if tracker else ())],
+                "acquired": _acquired(tracker),
                 "person": _person(tracker),
                 "visitor": _visitor(request, tracker),
                 "backend_class": type(get_backend()).__name__,
                 "dropped": recording.dropped,
             }
         )
+
+
+def _acquired(tracker: RequestTracker | None) -> list[dict[str, Any]]:
+    """The acquisition events (``AUTO_EVENTS``) the middleware recorded on this request."""
+    if tracker is None:
+        return []
+    return [
+        {"event": name, "kind": "record" if name else "set", "properties": dict(properties)}
+        for name, properties in tracker.acquired
+    ]
 
 
 def _pushes(recording: _Recording, tracker: RequestTracker | None) -> tuple[list[str], str]:

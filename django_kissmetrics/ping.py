@@ -1,9 +1,10 @@
 """``kissmetrics_ping``: one test event through the configured path, reported hop by hop.
 
 The hops, in order: the settings and the API key; with the ``celery`` backend, the broker,
-then a worker taking the ping task (``django_kissmetrics.ping``); last, the tracking
-server's answer. The worker reports back through a queue of its own on the broker, so
-the ping works with a broker alone, without a result backend. Any other backend sends
+then a worker taking the ping task (``django_kissmetrics.ping``); with ``tasks``, the task
+enqueued, then a worker picking it up; last, the tracking server's answer. A Celery worker
+reports back through a queue of its own on the broker, so the ping works with a broker
+alone, without a result backend; a task reports through its result. Any other backend sends
 straight to the tracking server from this process.
 """
 
@@ -67,6 +68,12 @@ def run(identity: str, timeout: float, report: Report, api_key: str | None = Non
     )
     if conf.BACKEND == "celery":
         _through_celery(conf, command, deadline, report)
+    elif conf.BACKEND == "tasks":
+        try:
+            from .tasks_backend import ping_through_tasks
+        except ImportError:
+            raise PingFailed("tasks", "Django Tasks is not installed (check E006)") from None
+        ping_through_tasks(conf, command, deadline, report)
     else:
         report("delivery", f"BACKEND {conf.BACKEND!r}: straight from this process")
         _direct(conf, command, deadline, report)

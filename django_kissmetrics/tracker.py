@@ -58,14 +58,21 @@ class Tracker:
 
     def record(
         self,
-        event: str,
+        event: str | Mapping[str, Any] | None,
         properties: Mapping[str, Any] | None = None,
         *,
         identity: str | None = None,
         timestamp: dt.datetime | float | None = None,
         api_key: str | None = None,
     ) -> None:
-        """Record ``event`` with ``properties`` for ``identity`` (default: the current person)."""
+        """Record ``event`` with ``properties`` for ``identity`` (default: the current person).
+
+        Without an event name (``None``, ``""``, or the properties alone) it is :meth:`set`.
+        """
+        nameless = cmd.nameless_properties(event, properties)
+        if nameless is not None:
+            self.set(nameless, identity=identity, timestamp=timestamp, api_key=api_key)
+            return
         person = self._person(identity)
         if person is None:
             return
@@ -73,7 +80,7 @@ class Tracker:
         if person is _DEFERRED:
             when = cmd.to_timestamp(timestamp)
             cmd._event_name(event)  # A developer mistake raises now, not at the response.
-            self._defer(lambda p: cmd.make_record(p, event, properties, when, key))
+            self._defer(lambda p: cmd.make_record(p, event, properties, when, key), identity)
             return
         self._emit(cmd.make_record(person, event, properties, timestamp, key))
 
@@ -92,7 +99,7 @@ class Tracker:
         key = self._key(api_key)
         if person is _DEFERRED:
             when = cmd.to_timestamp(timestamp)
-            self._defer(lambda p: cmd.make_set(p, properties, when, key))
+            self._defer(lambda p: cmd.make_set(p, properties, when, key), identity)
             return
         self._emit(cmd.make_set(person, properties, timestamp, key))
 
@@ -160,7 +167,7 @@ class Tracker:
             )
         return identity if self._allowed(explicit=True) else None
 
-    def _defer(self, make: Callable[[str], Command]) -> None:
+    def _defer(self, make: Callable[[str], Command | None], identity: str | None) -> None:
         raise NotImplementedError
 
     def _shape(self, command: Command) -> Command | None:
@@ -222,9 +229,25 @@ class RequestTracker(CurrentPerson, Tracker):
     awaiting_consent = False
     #: Not agreed, yet the browser holds Kissmetrics cookies: the response deletes them.
     withdrawn = False
+    #: A ``km_ai`` that is not an anonymous id but may be this person's named identity,
+    #: which the JavaScript library writes there once it has identified them: kept (no
+    #: new cookie, no alias) only when it is the logged-in person's own.
+    claimed_id: str | None = None
     _closed = False
+    #: Triggers declared on this request (``km.js.track_*`` and the template tags).
+    triggers: tuple[list[Any], ...] | list[list[Any]] = ()
+    #: The acquisition events the middleware records on this request (``AUTO_EVENTS``):
+    #: (event name, properties), or (``None``, properties) to set.
+    acquired: tuple[()] | list[tuple[str | None, dict[str, str]]] = ()
+    #: When they happened (the request's start), in Unix seconds.
+    acquired_at: int = 0
+    #: The visit cookie to write on the response, if it changed.
+    visit_cookie: str | None = None
     _aliased: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
     _signed_up: frozenset[str] | set[str] = frozenset()
+    #: Primary keys of the users created in this request: one the visitor logs in as is
+    #: their signup.
+    created_users: frozenset[Any] | set[Any] = frozenset()
     #: GLOBAL_PROPERTIES for this request, worked out on first use.
     _globals: Mapping[str, str] | None = None
     #: This request's site (``SITES`` or ``API_KEY``): the key of its commands and tag.
@@ -247,7 +270,7 @@ class RequestTracker(CurrentPerson, Tracker):
         self.anonymous_id = anonymous_id
         self.browser: list[list[Any]] = []
         self._buffer: list[Command] = []
-        self._deferred: list[Callable[[str], Command]] = []
+        self._deferred: list[tuple[str | None, Callable[[str], Command | None]]] = []
         if active and anonymous_id is None:
             self.anonymous_id = new_anonymous_id()
             self.new_anonymous_id = True
@@ -304,16 +327,21 @@ class RequestTracker(CurrentPerson, Tracker):
 
     def record(
         self,
-        event: str,
+        event: str | Mapping[str, Any] | None,
         properties: Mapping[str, Any] | None = None,
         *,
         identity: str | None = None,
         timestamp: dt.datetime | float | None = None,
         api_key: str | None = None,
     ) -> None:
-        """Record ``event`` with ``properties`` for ``identity`` (default: the current person)."""
+        """Record ``event`` with ``properties`` for ``identity`` (default: the current person).
+
+        Without an event name (``None``, ``""``, or the properties alone) it is :meth:`set`.
+        """
         if (
-            identity is not None
+            type(event) is not str
+            or not event
+            or identity is not None
             or api_key is not None
             or not self.active
             or running_loop() is not None
@@ -348,17 +376,30 @@ class RequestTracker(CurrentPerson, Tracker):
         if self.active:
             self.browser.append(command)
 
+    def add_commands(self, commands: list[Command]) -> None:
+        """Commands the middleware itself makes about this request (``AUTO_EVENTS``)."""
+        if self._closed:
+            self._send(commands)
+        else:
+            self._buffer.extend(commands)
+
+    def note_trigger(self, command: list[Any]) -> None:
+        """Remember a trigger declared on this request (the toolbar panel lists them)."""
+        self.triggers = [*self.triggers, command]
+
     def close(self) -> list[Command]:
         """End the request: return its commands; later ones are sent on their own."""
         if self._deferred:
-            for make in self._deferred:
-                person = self.identity
+            for identity, make in self._deferred:
+                person = self.identity if identity is None else self._explicit(identity)
                 if person:
                     try:
-                        command = self._shape(make(person))
+                        command = make(person)
                     except (TypeError, ValueError):
                         logger.exception("Kissmetrics: dropped a malformed command")
                         continue
+                    if command is not None:
+                        command = self._shape(command)
                     if command is not None:
                         self._buffer.append(command)
             self._deferred.clear()
@@ -382,7 +423,12 @@ class RequestTracker(CurrentPerson, Tracker):
 
     def _alias_once(self, named: str) -> None:
         anonymous = self.anonymous_id
-        if not anonymous or anonymous == named or (anonymous, named) in self._aliased:
+        if (
+            not anonymous
+            or anonymous == named
+            or named == self.claimed_id  # The browser already holds it as km_ai.
+            or (anonymous, named) in self._aliased
+        ):
             return
         self._aliased = {*self._aliased, (anonymous, named)}
         # Remembered in the session too: logging in again the next day is not a new join.
@@ -400,7 +446,9 @@ class RequestTracker(CurrentPerson, Tracker):
 
     def _person(self, identity: str | None) -> Any:
         if identity is not None:
-            return identity if self.allow_explicit else None
+            if self.awaiting_consent and self.allow_explicit and in_event_loop():
+                return _DEFERRED  # Whether it names the visitor may need the database.
+            return self._explicit(identity)
         if not self.active:
             return None
         if self._identity is None and in_event_loop():
@@ -409,8 +457,36 @@ class RequestTracker(CurrentPerson, Tracker):
             return _DEFERRED
         return self.identity
 
-    def _defer(self, make: Callable[[str], Command]) -> None:
-        self._deferred.append(make)
+    def _defer(self, make: Callable[[str], Command | None], identity: str | None) -> None:
+        self._deferred.append((identity, make))
+
+    def _explicit(self, identity: str) -> str | None:
+        """``identity`` if a call naming it may go: not when it names this visitor, who
+        has not agreed (``CONSENT``), and never under Do Not Track."""
+        if not self.allow_explicit:
+            return None
+        if self.awaiting_consent and self.is_visitor(identity):
+            return None
+        return identity
+
+    def alias(self, identity_a: str, identity_b: str, *, api_key: str | None = None) -> None:
+        """Tie two identities into one person (irreversible; order does not matter).
+
+        While the visitor has not agreed (``CONSENT``), an alias naming them is dropped.
+        """
+        if not self.awaiting_consent:
+            super().alias(identity_a, identity_b, api_key=api_key)
+            return
+        key = self._key(api_key)
+        if self.allow_explicit and in_event_loop():
+            self._defer(
+                lambda a: (
+                    cmd.make_alias(a, identity_b, key) if self._explicit(identity_b) else None
+                ),
+                identity_a,
+            )
+        elif self._explicit(identity_a) and self._explicit(identity_b):
+            self._emit(cmd.make_alias(identity_a, identity_b, key))
 
     def _add(self, command: Command) -> None:
         if self._closed:
@@ -432,14 +508,17 @@ class _Km:
 
     def record(
         self,
-        event: str,
+        event: str | Mapping[str, Any] | None,
         properties: Mapping[str, Any] | None = None,
         *,
         identity: str | None = None,
         timestamp: dt.datetime | float | None = None,
         api_key: str | None = None,
     ) -> None:
-        """Record ``event`` (see :meth:`Tracker.record`); ``api_key`` names its site."""
+        """Record ``event``; without a name, set ``properties`` (see :meth:`Tracker.record`).
+
+        ``api_key`` names its site.
+        """
         tracker = _current.get() or _detached
         if api_key is None:
             tracker.record(event, properties, identity=identity, timestamp=timestamp)

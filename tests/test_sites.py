@@ -265,6 +265,8 @@ def test_a_spooled_batch_is_replayed_with_its_key(
         "BACKEND": "celery",
         "TRACKING_URL": tracker.url,
         "API_KEY": "worker-key",
+        # The site's settings name both keys: entries of other keys are another site's.
+        "SITES": {"shop.test": "shop-key", "blog.test": "blog-key"},
         "SPOOL_DIR": str(tmp_path),
         **FAST,
     }
@@ -360,10 +362,10 @@ def test_checks_know_about_sites(settings: Any, km_settings: Callable[..., None]
     km_settings(API_KEY=None, SITES={"shop.test": "a", "elsewhere.test": "b"})
     ids = {m.id: m.msg for m in check_settings()}
     assert "django_kissmetrics.W002" not in ids  # SITES is a key.
-    assert "'elsewhere.test'" in ids["django_kissmetrics.W005"]
-    assert "'shop.test'" not in ids["django_kissmetrics.W005"]
+    assert "'elsewhere.test'" in ids["django_kissmetrics.W010"]
+    assert "'shop.test'" not in ids["django_kissmetrics.W010"]
     km_settings(SITES="tests.hooks.nowhere", TRACK="tests.nothing.here")
-    errors = [m.msg for m in check_settings() if m.id == "django_kissmetrics.E005"]
+    errors = [m.msg for m in check_settings() if m.id == "django_kissmetrics.E008"]
     assert len(errors) == 2
     assert any("SITES" in e for e in errors)
     assert any("TRACK" in e for e in errors)
