@@ -242,9 +242,9 @@ def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
         try:
             tracker.add_commands(
                 [
-                    cmd._record(person, name, properties, when)
+                    cmd._record(person, name, properties, when, tracker.api_key)
                     if name is not None
-                    else cmd.make_set(person, properties, when)
+                    else cmd.make_set(person, properties, when, tracker.api_key)
                     for name, properties in acquired
                 ]
             )

@@ -377,7 +377,12 @@ class RequestTracker(CurrentPerson, Tracker):
             self.browser.append(command)
 
     def add_commands(self, commands: list[Command]) -> None:
-        """Commands the middleware itself makes about this request (``AUTO_EVENTS``)."""
+        """Commands the middleware itself makes about this request (``AUTO_EVENTS``).
+
+        Shaped like every other call (``BEFORE_SEND``, ``GLOBAL_PROPERTIES``).
+        """
+        if get_settings().shaping:
+            commands = [c for c in map(self._shape, commands) if c is not None]
         if self._closed:
             self._send(commands)
         else:

@@ -355,3 +355,20 @@ def test_asgi(async_client: Any, auto: list[Command]) -> None:
         (person, "Visited Site"),
     ]
     assert VISIT_COOKIE in response.cookies
+
+
+def test_acquisition_events_go_to_the_request_s_site_through_its_hooks(
+    client: Client, km_settings: Any, km_outbox: list[Command]
+) -> None:
+    km_settings(
+        BACKEND="locmem",
+        AUTO_EVENTS=ALL,
+        SITES={".shop.test": "shop-key"},
+        GLOBAL_PROPERTIES={"Brand": "Shop"},
+    )
+    client.get(f"/nothing/?{CAMPAIGN}", headers={"Referer": GOOGLE}, HTTP_HOST="www.shop.test")
+    assert km_outbox
+    assert {c.api_key for c in km_outbox} == {"shop-key"}
+    events = [c for c in km_outbox if c.kind == "record"]
+    assert {c.name for c in events} >= {"Visited Site", "Ad Campaign Hit"}
+    assert all(c.properties.get("Brand") == "Shop" for c in events)
