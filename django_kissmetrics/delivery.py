@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .client import KissmetricsClient
 from .commands import Command
-from .conf import get_settings
+from .conf import ConfigurationError, get_settings
 from .exceptions import TrackingError
 from .signals import delivery_failed
 
@@ -21,7 +21,8 @@ def client() -> KissmetricsClient:
     """A client configured from the ``KISSMETRICS`` setting."""
     conf = get_settings()
     if not conf.API_KEY:
-        raise TrackingError("KISSMETRICS['API_KEY'] is not set")
+        # Not an answer from the tracker: a configuration to fix, with the commands kept.
+        raise ConfigurationError("KISSMETRICS['API_KEY'] is not set")
     return KissmetricsClient(conf.API_KEY, url=conf.TRACKING_URL, timeout=conf.TIMEOUT)
 
 

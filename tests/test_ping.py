@@ -160,3 +160,15 @@ def test_settings_that_send_nothing_fail_first(
     lines, error, _ = ping()
     assert error.startswith(message)
     assert lines == []
+
+
+def test_a_worker_without_a_key_is_named_as_the_failed_hop(
+    tracker: StandInTracker, redis_url: str, celery_settings: dict[str, Any]
+) -> None:
+    with WorkerProcess(redis_url, celery_settings, lose_api_key=True):
+        lines, error, _ = ping("--timeout", "20")
+    assert hops(lines) == ["settings", "broker", "worker"]
+    assert error.startswith("worker configuration: km-test-")
+    assert "KISSMETRICS['API_KEY'] is not set" in error
+    assert "KISSMETRICS_API_KEY" in error
+    assert tracker.hits == []
