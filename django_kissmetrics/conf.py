@@ -81,6 +81,9 @@ class Settings:
     COOKIE_MAX_AGE: int = _key(FIVE_YEARS, "Lifetime of the cookie, in seconds.", minimum=0)
     SIGNUP_EVENT: str | None = _key("Signed Up", "Recorded on signup; None: none.")
     LOGIN_EVENT: str | None = _key("Logged In", "Recorded on login; None: none.")
+    LOGIN_EVENT_ON_SIGNUP: bool = _key(
+        False, "Also record LOGIN_EVENT for the login that completes a signup."
+    )
     HONOR_DNT: bool = _key(True, "DNT: 1 or Sec-GPC: 1 visitors are not tracked.")
     TIMEOUT: float = _key(5.0, "Seconds to wait for the tracking server.", minimum=0)
     MAX_RETRIES: int = _key(8, "Retries of a failed command before giving up.", minimum=0)
