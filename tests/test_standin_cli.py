@@ -67,7 +67,8 @@ def test_it_prints_each_hit_until_ctrl_c(standin: Running) -> None:
     first = standin.line()
     assert first.startswith("Stand-in Kissmetrics tracker on http://127.0.0.1:")
     url = first.rsplit(" ", 1)[1]
-    assert f'KISSMETRICS["TRACKING_URL"] = "{url}"' in standin.line()
+    second = standin.line()
+    assert f'KISSMETRICS["TRACKING_URL"] = "{url}"' in second
     client = KissmetricsClient("any-key", url=url, timeout=5)
     client.record("ann@example.com", "Signed Up", {"plan": "pro"}, timestamp=1796436468)
     client.set("ann@example.com", {"plan": "pro"}, timestamp=1796436468)
@@ -80,6 +81,13 @@ def test_it_prints_each_hit_until_ctrl_c(standin: Running) -> None:
     assert lines[2].endswith("200 alias  person='anon-id' to='ann@example.com'")
     assert standin.stop() == 0
     assert standin.line() == "3 hit(s)."
+    # The Testing page shows the same lines (a signup: the alias, then the event).
+    sample = (ROOT / "docs" / "examples" / "standin.txt").read_text().splitlines()
+    assert sample[0] == "$ python -m django_kissmetrics.testing --port 8001"
+    assert sample[1:3] == [line.replace(url, "http://127.0.0.1:8001") for line in (first, second)]
+    shown = {line.split(" ", 2)[2].split(" person=")[0] for line in sample[3:-1]}
+    assert shown <= {line.split(" ", 2)[2].split(" person=")[0] for line in lines}
+    assert sample[-1] == "^C3 hit(s)."
 
 
 def test_it_listens_on_the_port_asked_for() -> None:
