@@ -17,24 +17,27 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 # --- The demo: a venv of its own with only what it needs (the `demo` group), on the newest
-# Python here that runs (the newest Django with it: 6.x needs 3.12+). -----------------------
+# Python here that runs (the newest Django with it: 6.x needs 3.12+). For a start in seconds:
+# no pip in the venv (the interpreter's own pip fills it, `pip --python`) and no build of
+# this package (the demo imports it from the checkout, through PYTHONPATH). ----------------
 DEMO_PYTHON ?= $(shell for p in python3.14 python3.13 $$(ls -d $$HOME/.pyenv/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV) python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3 2>/dev/null) $(PYTHON); do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
 DEMO_VENV ?= .venv-demo
 DEMO_BIN := $(DEMO_VENV)/bin
+DEMO_RUN := cd example_project && DEMO_PORT=$(PORT) PYTHONPATH=$(CURDIR) ../$(DEMO_BIN)/python manage.py
 
 $(DEMO_BIN)/.installed: pyproject.toml
-	$(DEMO_PYTHON) -m venv $(DEMO_VENV)
-	$(DEMO_BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(DEMO_BIN)/python -m pip install -q -e . --group demo
+	$(DEMO_PYTHON) -m venv --without-pip $(DEMO_VENV)
+	$(DEMO_PYTHON) -m pip --python $(DEMO_BIN)/python install -q $$($(DEMO_PYTHON) -c \
+	  "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['dependency-groups']['demo'])")
 	touch $@
 
 demo: $(DEMO_BIN)/.installed
-	cd example_project && ../$(DEMO_BIN)/python manage.py migrate --noinput -v 0
-	cd example_project && DEMO_PORT=$(PORT) ../$(DEMO_BIN)/python manage.py runserver 127.0.0.1:$(PORT)
+	$(DEMO_RUN) migrate --noinput -v 0
+	$(DEMO_RUN) runserver 127.0.0.1:$(PORT)
 
 # The demo's nightly job, sent to the demo running on $(PORT).
 renew: $(DEMO_BIN)/.installed
-	cd example_project && DEMO_PORT=$(PORT) ../$(DEMO_BIN)/python manage.py renew_subscriptions
+	$(DEMO_RUN) renew_subscriptions
 
 test: setup
 	$(BIN)/python -m pytest

@@ -402,12 +402,17 @@ def test_renew_subscriptions_records_server_side(demo: Demo, journey: Journey) -
 
 
 def test_make_renew_sends_to_the_port_the_demo_runs_on() -> None:
+    # The demo's venv wherever it is (`make demo DEMO_VENV=...`); none is made by -n.
     dry_run = subprocess.run(
-        ["make", "-n", "renew", "PORT=8013"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "-n", "renew", "PORT=8013", "DEMO_VENV=.venv-demo-elsewhere"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     (line,) = [c for c in dry_run.stdout.splitlines() if "renew_subscriptions" in c]
     assert "DEMO_PORT=8013 " in line
-    assert "../.venv/bin/python manage.py renew_subscriptions" in line
+    assert "../.venv-demo-elsewhere/bin/python manage.py renew_subscriptions" in line
 
 
 def test_renew_subscriptions_refuses_an_unknown_user(demo: Demo) -> None:
