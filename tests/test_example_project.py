@@ -207,6 +207,18 @@ def accept_analytics(page: Any) -> None:
         page.get_by_role("button", name="Accept analytics").click()
 
 
+def contrast(foreground: str, background: str) -> float:
+    """The WCAG contrast ratio of two computed CSS colours (``rgb(r, g, b)``)."""
+
+    def luminance(colour: str) -> float:
+        channels = [int(c) / 255 for c in re.findall(r"\d+", colour)[:3]]
+        linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    light, dark = sorted([luminance(foreground), luminance(background)], reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
 def km_cookie_names(context: Any) -> list[str]:
     return sorted(c["name"] for c in context.cookies() if c["name"].startswith("km_"))
 
@@ -443,8 +455,14 @@ def test_nothing_is_tracked_before_the_banner_is_accepted(demo: Demo) -> None:
             (person,) = [p for p in people if anonymous in p["identities"]]
             assert recorded(person) == {("Viewed Pricing", anonymous, "server")}
 
+            withdraw = page.get_by_role("button", name="Withdraw consent")
+            colours = withdraw.evaluate(
+                "(b) => [getComputedStyle(b).color,"
+                " getComputedStyle(b.closest('footer')).backgroundColor]"
+            )
+            assert contrast(*colours) >= 4.5, colours  # WCAG AA for text.
             with page.expect_navigation():
-                page.get_by_role("button", name="Withdraw consent").click()
+                withdraw.click()
             page.goto(f"{demo.url}/pricing/")
             assert km_cookie_names(context) == []
             assert page.get_by_role("button", name="Accept analytics").count() == 0  # Declined.
