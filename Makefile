@@ -18,8 +18,9 @@ setup: $(BIN)/.installed
 
 # --- The demo: a venv of its own with only what it needs (the `demo` group), on the newest
 # Python here that runs (the newest Django with it: 6.x needs 3.12+). For a start in seconds:
-# no pip in the venv (the interpreter's own pip fills it, `pip --python`) and no build of
-# this package (the demo imports it from the checkout, through PYTHONPATH). ----------------
+# no pip in the venv (the interpreter's own pip fills it, `pip --python`), no bytecode ahead
+# of time (Python compiles what the demo imports), and no build of this package (the demo
+# imports it from the checkout, through PYTHONPATH). --------------------------------------
 DEMO_PYTHON ?= $(shell for p in python3.14 python3.13 $$(ls -d $$HOME/.pyenv/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV) python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3 2>/dev/null) $(PYTHON); do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
 DEMO_VENV ?= .venv-demo
 DEMO_BIN := $(DEMO_VENV)/bin
@@ -27,7 +28,7 @@ DEMO_RUN := cd example_project && DEMO_PORT=$(PORT) PYTHONPATH=$(CURDIR) ../$(DE
 
 $(DEMO_BIN)/.installed: pyproject.toml
 	$(DEMO_PYTHON) -m venv --without-pip $(DEMO_VENV)
-	$(DEMO_PYTHON) -m pip --python $(DEMO_BIN)/python install -q $$($(DEMO_PYTHON) -c \
+	$(DEMO_PYTHON) -m pip --python $(DEMO_BIN)/python install -q --no-compile $$($(DEMO_PYTHON) -c \
 	  "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['dependency-groups']['demo'])")
 	touch $@
 
