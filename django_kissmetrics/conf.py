@@ -278,7 +278,7 @@ class Settings:
         ),
         accepts=(dict, tuple),
         convert=lambda value: tuple(dict(value).items()),
-        shown='{"type": "text/plain", "data-category": "analytics"}',
+        shown='`{"type": "text/plain", "data-category": "analytics"}`',
     )
 
     @functools.cached_property
