@@ -372,11 +372,17 @@ def test_worker_that_lost_its_api_key_spools_the_commands(
     )
     store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600)
     command = make_record("ann", "Keyless", {"plan": "pro"})
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
     with caplog.at_level(logging.WARNING, logger="django_kissmetrics"):
         deliver.delay([command.to_wire()])
-        wait_until(lambda: store.status().commands == 1, 15, "the spool")
+        # The worker's thread logs once the commands are in the spool.
+        wait_until(lambda: bool(warnings()), 15, "the spool's warning")
+    assert store.status().commands == 1
     assert failed == []
-    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    (warning,) = warnings()
     assert "spooled 1 command(s) (this worker cannot deliver)" in warning
     assert "API_KEY" in warning
     assert store.purge(older_than=-60) == [command]
