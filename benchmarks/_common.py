@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -104,8 +105,9 @@ class _FastProtocol(asyncio.Protocol):
     as little as possible per request.
     """
 
-    def __init__(self, counter: list[int]) -> None:
+    def __init__(self, counter: list[int], delay: float = 0.0) -> None:
         self.counter = counter
+        self.delay = delay
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
@@ -125,6 +127,15 @@ class _FastProtocol(asyncio.Protocol):
             answers += 1
         if answers and self.transport is not None:
             self.counter[0] += answers
+            if self.delay:
+                # A tracker far away: the answer leaves ``delay`` seconds later, and the
+                # loop serves every other connection meanwhile.
+                asyncio.get_running_loop().call_later(self.delay, self._answer, answers)
+            else:
+                self.transport.write(_RESPONSE * answers)
+
+    def _answer(self, answers: int) -> None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_RESPONSE * answers)
 
 
@@ -166,14 +177,68 @@ class _BatchProtocol(_FastProtocol):
                 self.transport.write(_JSON_RESPONSE)
 
 
-def _serve_fast(conn: Connection, marker: bytes | None = None) -> None:
+class _RecordingProtocol(_FastProtocol):
+    """The lean server, noting each event's ``seq`` and ``_t`` (for end-to-end counts)."""
+
+    def __init__(self, counter: list[int], delay: float, seen: dict[str, Any]) -> None:
+        super().__init__(counter, delay)
+        self.seen = seen
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self.buffer + data).split(b"\r\n\r\n")
+        for request in lines[:-1]:
+            target = request.split(b" ", 2)[1].decode("latin-1")
+            params = dict(parse_qsl(urlsplit(target).query))
+            seq = params.get("seq")
+            if seq is not None:
+                counts = self.seen["counts"]
+                counts[seq] = counts.get(seq, 0) + 1
+                if params.get("_d") == "1" and params.get("_t", "").isdigit():
+                    self.seen["stamps"][seq] = int(params["_t"])
+                self.seen["last"] = time.time()
+        super().data_received(data)
+
+
+def _serve_recording(conn: Connection, delay: float) -> None:
+    counter = [0]
+    seen: dict[str, Any] = {"counts": {}, "stamps": {}, "last": None}
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(
+        loop.create_server(
+            lambda: _RecordingProtocol(counter, delay, seen), "127.0.0.1", 0, backlog=4096
+        )
+    )
+    port = server.sockets[0].getsockname()[1]
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def report() -> dict[str, Any]:
+        # Read in the loop's thread: the dicts change there.
+        async def copy() -> dict[str, Any]:
+            return {
+                "counts": dict(seen["counts"]),
+                "stamps": dict(seen["stamps"]),
+                "last": seen["last"],
+            }
+
+        return asyncio.run_coroutine_threadsafe(copy(), loop).result()
+
+    def reset() -> None:
+        counter[0] = 0
+        seen.update(counts={}, stamps={}, last=None)
+
+    _control(conn, port, report, reset)
+
+
+def _serve_fast(conn: Connection, marker: bytes | None = None, delay: float = 0.0) -> None:
     counter = [0]
     loop = asyncio.new_event_loop()
 
     def protocol() -> asyncio.Protocol:
-        return _FastProtocol(counter) if marker is None else _BatchProtocol(counter, marker)
+        if marker is None:
+            return _FastProtocol(counter, delay)
+        return _BatchProtocol(counter, marker)
 
-    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0, backlog=256))
+    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0, backlog=4096))
     port = server.sockets[0].getsockname()[1]
     threading.Thread(target=loop.run_forever, daemon=True).start()
     _control(conn, port, lambda: counter[0], lambda: counter.__setitem__(0, 0))
@@ -201,7 +266,7 @@ def _serve_stand_in(conn: Connection, delay: float) -> None:
 
 
 def _control(
-    conn: Connection, port: int, hits: Callable[[], int], reset: Callable[[], None]
+    conn: Connection, port: int, hits: Callable[[], Any], reset: Callable[[], None]
 ) -> None:
     conn.send(port)
     while True:
@@ -222,11 +287,14 @@ def _control(
 class TrackerProcess:
     """A stand-in tracker in a child process; ``hits()`` counts the requests it answered.
 
-    ``kind="fast"``: a lean asyncio server, for throughput. ``kind="stand-in"``: the
+    ``kind="fast"``: a lean asyncio server, for throughput; with ``delay`` it holds each
+    answer that long while serving every other connection (thousands of answers a
+    second at any delay). ``kind="stand-in"``: the
     package's threaded :class:`~django_kissmetrics.testing.StandInTracker`, which holds
     every answer ``delay`` seconds, for latency. ``kind="batch"``: the lean server reading
     request bodies too, for the peers' batch APIs; ``hits()`` then counts the events in
-    them (each occurrence of ``marker``).
+    them (each occurrence of ``marker``). ``kind="recording"``: the lean server with
+    ``delay``, noting each event's ``seq`` property and ``_t``; :meth:`seen` reads them.
     """
 
     def __init__(self, kind: str = "fast", delay: float = 0.0, marker: bytes = b"") -> None:
@@ -254,7 +322,9 @@ class TrackerProcess:
         parent, child = context.Pipe()
         if self.kind == "fast":
             target: Callable[..., None] = _serve_fast
-            args: tuple[Any, ...] = (child,)
+            args: tuple[Any, ...] = (child, None, self.delay)
+        elif self.kind == "recording":
+            target, args = _serve_recording, (child, self.delay)
         elif self.kind == "batch":
             if not self.marker:
                 raise ValueError('kind="batch" counts a marker: give a non-empty one')
@@ -277,6 +347,12 @@ class TrackerProcess:
     def hits(self) -> int:
         """Requests answered since the last :meth:`reset`."""
         return int(self._ask("hits"))
+
+    def seen(self) -> dict[str, Any]:
+        """``kind="recording"``: ``counts`` (seq -> hits), ``stamps`` (seq -> ``_t``) and
+        ``last`` (the time of the last hit)."""
+        result: dict[str, Any] = self._ask("hits")
+        return result
 
     def reset(self) -> None:
         """Forget the hits."""

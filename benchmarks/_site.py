@@ -13,7 +13,9 @@ import dataclasses
 import io
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -130,8 +132,8 @@ urlpatterns = [
 ]
 
 
-def environ(path: str, cookie: str | None) -> dict[str, Any]:
-    """A browser's GET as a WSGI server hands it over."""
+def environ(path: str, cookie: str | None, visitor: str = "") -> dict[str, Any]:
+    """A browser's GET as a WSGI server hands it over (``visitor``: see VISITOR_ENVIRON)."""
     env: dict[str, Any] = {
         "REQUEST_METHOD": "GET",
         "SCRIPT_NAME": "",
@@ -157,12 +159,18 @@ def environ(path: str, cookie: str | None) -> dict[str, Any]:
     }
     if cookie is not None:
         env["HTTP_COOKIE"] = cookie
+    env.update(VISITOR_ENVIRON.get(visitor, {}))
     return env
 
 
 def runner(handler: Any, env: dict[str, Any], count: int) -> Callable[[], None]:
-    """Serve ``count`` requests through ``handler`` as a WSGI server would."""
+    """Serve ``count`` requests through ``handler`` as a WSGI server would.
+
+    A visit cookie (``--auto-events``) is stamped afresh each round, as the browser of a
+    visitor inside a visit would hold it.
+    """
     statuses: list[str] = []
+    visiting = f"{VISIT_COOKIE}=" in env.get("HTTP_COOKIE", "")
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         statuses.append(status)
@@ -170,6 +178,9 @@ def runner(handler: Any, env: dict[str, Any], count: int) -> Callable[[], None]:
 
     def run() -> None:
         statuses.clear()
+        if visiting:
+            stamp = f"{VISIT_COOKIE}={int(time.time())}"
+            env["HTTP_COOKIE"] = _VISIT.sub(stamp, env["HTTP_COOKIE"])
         for _ in range(count):
             request_env = dict(env)
             request_env["wsgi.input"] = io.BytesIO(b"")
@@ -207,6 +218,11 @@ def queued_commands(client: Any, queue: str) -> list[Command]:
     return commands
 
 
+def events_in(commands: list[Command]) -> int:
+    """How many of ``commands`` are the benchmark's event (not an acquisition event)."""
+    return sum(c.kind == "record" and c.name == EVENT for c in commands)
+
+
 def clean_up(client: Any, queue: str) -> None:
     """Delete this run's queue and bindings from the Redis database."""
     for key in client.scan_iter(match=f"*{queue}*"):
@@ -226,6 +242,46 @@ VISITORS = {
 CONSENT_COOKIE = "analytics_consent=yes"
 
 
+#: ``--hooks``: SITES (this host and another), TRACK (staff and an office range kept out)
+#: and BEFORE_SEND (a hook that looks at each command and keeps it); ``--hooks sites``
+#: (or ``track``, ``before_send``, comma-separated) sets only those.
+HOOKS: dict[str, dict[str, Any]] = {
+    "sites": {"SITES": {"www.shop.test": KEY, ".other.test": "other-key"}},
+    "track": {
+        "TRACK": "django_kissmetrics.track.not_staff_or_internal",
+        "INTERNAL_IPS": ["192.0.2.0/24"],
+    },
+    "before_send": {"BEFORE_SEND": "_site.before_send"},
+}
+ALL_HOOKS = ",".join(HOOKS)
+
+
+def hook_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``KISSMETRICS`` keys ``--hooks`` sets."""
+    chosen = getattr(args, "hooks", None)
+    if not chosen:
+        return {}
+    out: dict[str, Any] = {}
+    for name in chosen.split(","):
+        if name not in HOOKS:
+            raise SystemExit(f"--hooks: {name!r} is not one of {ALL_HOOKS}")
+        out.update(HOOKS[name])
+    return out
+
+
+def before_send(command: Command) -> Command | None:
+    """``BEFORE_SEND`` for ``--hooks``: drops a health check's events, keeps the rest."""
+    return None if command.name == "Checked Health" else command
+
+
+def hooks_label(args: argparse.Namespace) -> str:
+    """What ``--hooks`` set, for the report's header."""
+    chosen = hook_settings(args)
+    return ", ".join(
+        f"{key}: {chosen.get(key)!r}" for key in ("SITES", "TRACK", "INTERNAL_IPS", "BEFORE_SEND")
+    )
+
+
 def banner_consent(request: HttpRequest) -> bool:
     """``CONSENT`` for ``--consent``: the visitor agreed in the banner."""
     return request.COOKIES.get("analytics_consent") == "yes"
@@ -235,6 +291,24 @@ def add_consent_cookie() -> None:
     """``--consent``: every visitor has the banner's cookie; only the tracked site reads it."""
     for label, cookie in VISITORS.items():
         VISITORS[label] = "; ".join(c for c in (cookie, CONSENT_COOKIE) if c)
+
+
+#: ``--auto-events``: every ``AUTO_EVENTS`` item on. The returning visitor is inside a visit
+#: (the visit cookie), the first visit arrives from a Google search by a campaign link.
+AUTO_EVENTS = ["Visited Site", "Ad Campaign Hit", "Search Engine Hit", "Referrer"]
+VISIT_COOKIE = "km_visit"
+_VISIT = re.compile(rf"{VISIT_COOKIE}=\d+")
+#: Visitor -> the headers and query string of their requests besides the cookie.
+VISITOR_ENVIRON: dict[str, dict[str, str]] = {}
+
+
+def add_auto_events() -> None:
+    """``--auto-events``: the visitors of the acquisition events (the plain site ignores them)."""
+    VISITORS["returning visitor"] = f"{VISITORS['returning visitor']}; {VISIT_COOKIE}=0"
+    VISITOR_ENVIRON["first visit"] = {
+        "QUERY_STRING": "utm_source=newsletter&utm_medium=email&utm_campaign=launch",
+        "HTTP_REFERER": "https://www.google.com/search?q=kanban+for+small+teams",
+    }
 
 
 @dataclasses.dataclass
@@ -249,8 +323,11 @@ class Site:
     queue: str
 
 
-def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
-    """Configure Django, a Celery app on the Redis broker, and the two handlers."""
+def build_site(
+    args: argparse.Namespace, *, django_settings: dict[str, Any] | None = None, **km_overrides: Any
+) -> Site:
+    """Configure Django (plus ``django_settings``), a Celery app on the Redis broker, and the
+    two handlers."""
     queue = km_overrides.get("CELERY_QUEUE", f"km-bench-request-{os.getpid()}")
     base_middleware = STACKS[args.stack]
     tracked_middleware = [*base_middleware, "django_kissmetrics.middleware.KissmetricsMiddleware"]
@@ -261,6 +338,8 @@ def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
         # Never contacted: no worker consumes the queue.
         "TRACKING_URL": "http://127.0.0.1:9",
         **({"CONSENT": "_site.banner_consent"} if args.consent else {}),
+        **({"AUTO_EVENTS": AUTO_EVENTS} if getattr(args, "auto_events", False) else {}),
+        **hook_settings(args),
         **km_overrides,
     }
     _common.setup_django(
@@ -268,6 +347,7 @@ def build_site(args: argparse.Namespace, **km_overrides: Any) -> Site:
         MIDDLEWARE=tracked_middleware,
         KISSMETRICS=km_settings,
         TEMPLATES=TEMPLATE_SETTINGS,
+        **(django_settings or {}),
     )
     import redis
     from celery import Celery
@@ -288,6 +368,8 @@ def check_queue(client: Any, queue: str, expected: int, *, quiet: bool = False) 
     commands = queued_commands(client, queue)
     messages = client.llen(queue)
     good = [c for c in commands if c.kind == "record" and c.name == EVENT]
+    # --auto-events: the acquisition events of first visits come on top.
+    commands = [c for c in commands if c.name not in AUTO_EVENTS and c.kind != "set"]
     if not quiet:
         print(
             f"\nqueued: {len(good)} commands in {messages} Celery messages for {expected} "

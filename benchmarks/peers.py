@@ -27,6 +27,10 @@ CPU time it took (all threads), since a client that waits for a pause before it 
 (segment's) spends nothing while it waits. The parent runs one process's round at a time, in
 an order that rotates. The added time is the median over the rounds of tracked minus plain.
 
+With ``--hooks`` this package runs with ``SITES``, ``TRACK`` and ``BEFORE_SEND`` set, and
+once more without them in a process of its own, for comparison; the budget is judged on
+the one with them.
+
 The budget (with the consent gate and the spool in place): this package's added time at
 most half the cheapest peer's for a returning visitor, and 0.6x for a first visit, on both
 views. Exits 1 when it is missed or when a variant's events did not all arrive.
@@ -57,6 +61,8 @@ from django.urls import path
 
 #: This package's variant; the others are the peers.
 OURS = "django-kissmetrics"
+#: With ``--hooks``: this package without them too, in the same run, for comparison.
+OURS_WITHOUT_HOOKS = f"{OURS} (no hooks)"
 #: Ours over the cheapest peer's added time, by visitor.
 BUDGET = {"returning visitor": 0.5, "first visit": 0.6}
 EVENT, PROPERTIES = _site.EVENT, _site.PROPERTIES
@@ -211,6 +217,8 @@ class _Variant:
         self.peer: Peer | None = None
         self.site: _site.Site | None = None
         if name not in PEERS:  # This package, from this checkout or the --before one.
+            if name == OURS_WITHOUT_HOOKS:
+                options = argparse.Namespace(**{**vars(options), "hooks": None})
             site = self.site = _site.build_site(options)
             tracked, plain = site.tracked, site.plain
             paths = dict(_site.VIEWS)
@@ -222,8 +230,8 @@ class _Variant:
             cookie = _site.VISITORS[visitor]
             tracked_path, plain_path = paths[view]
             self.runs[f"{view}|{visitor}"] = (
-                _site.runner(tracked, _site.environ(tracked_path, cookie), self.n),
-                _site.runner(plain, _site.environ(plain_path, cookie), self.n),
+                _site.runner(tracked, _site.environ(tracked_path, cookie, visitor), self.n),
+                _site.runner(plain, _site.environ(plain_path, cookie, visitor), self.n),
             )
 
     def _build_peer(self, name: str, options: argparse.Namespace) -> tuple[Any, Any]:
@@ -298,7 +306,7 @@ class _Variant:
         self.flush()
         if (site := self.site) is not None:
             good = _site.check_queue(site.client, site.queue, expected, quiet=True)
-            count = len(_site.queued_commands(site.client, site.queue))
+            count = _site.events_in(_site.queued_commands(site.client, site.queue))
             _site.clean_up(site.client, site.queue)
             return count, good
         assert self.tracker is not None
@@ -325,6 +333,8 @@ def _child(conn: Connection, name: str, options: argparse.Namespace) -> None:
     """A variant's process: build the site, then answer the parent's requests."""
     if options.consent:
         _site.add_consent_cookie()
+    if getattr(options, "auto_events", False):
+        _site.add_auto_events()
     variant = _Variant(name, options)
     try:
         variant.round(0)  # Warm-up: imports, caches, connections.
@@ -409,14 +419,22 @@ def compare(options: argparse.Namespace) -> int:
             print(f"--before {before}: no django_kissmetrics package there")
             return 2
         checkouts[f"{OURS} ({before.name})"] = str(before)
-    names = [OURS, *checkouts, *PEERS]
+    ours = [OURS, *([OURS_WITHOUT_HOOKS] if options.hooks else []), *checkouts]
+    names = [*ours, *PEERS]
     n, rounds = options.requests, options.rounds
     print("benchmarks/request.py --peers: one event per request, each library in its own process")
     print(_common.machine())
     print(
         f"middleware ({options.stack}); {n} requests per round and case, {rounds} rounds; "
-        f"CONSENT: {'a function reading the banner cookie' if options.consent else 'None'}"
+        f"CONSENT: {'a function reading the banner cookie' if options.consent else 'None'}; "
+        f"AUTO_EVENTS: {', '.join(_site.AUTO_EVENTS) if options.auto_events else 'none'}"
     )
+    if options.auto_events:
+        print(
+            "  (ours records them; a returning visitor is inside a visit, a first visit comes "
+            "from a Google search by a campaign link: 4 more commands)"
+        )
+    print(_site.hooks_label(options))
     added: dict[str, dict[str, list[float]]] = {name: {} for name in names}
     delivered: dict[str, tuple[int, bool]] = {}
     with _variants(names, options, checkouts) as conns:
@@ -470,7 +488,7 @@ def compare(options: argparse.Namespace) -> int:
     for name, (count, good) in delivered.items():
         if not good:
             print(f"ERROR: {name}: {count:,} events arrived, expected {expected:,}")
-    for name in checkouts:
+    for name in ours[1:]:
         print(
             f"{name}: "
             + ", ".join(

@@ -42,30 +42,72 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import _common
 from _common import interleave, median, table
 from _site import (
+    ALL_HOOKS,
     STACKS,
     VIEWS,
     VISITORS,
+    add_auto_events,
     add_consent_cookie,
     build_site,
     check_queue,
     clean_up,
     environ,
+    events_in,
+    hooks_label,
     runner,
 )
 
 #: ``--instructions``: a returning visitor's instructions on the empty view, over the plain site's.
 TARGET = 1.15
+#: ``--instructions``: the variants counted; ``--kinds`` picks some.
+KINDS = ("plain", "tracked", "locmem")
+
+
+def tasks_settings(folder: str) -> dict[str, Any]:
+    """``--tasks``: django-tasks-db on a SQLite file, the queue of a site without a broker."""
+    import django
+
+    backport = ["django_tasks"] if django.VERSION < (6, 0) else []
+    return {
+        "INSTALLED_APPS": [
+            *("django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions"),
+            *("django.contrib.messages", "django_kissmetrics", *backport, "django_tasks_db"),
+        ],
+        "DATABASES": {
+            "default": {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": os.path.join(folder, "site.sqlite3"),
+            }
+        },
+        "TASKS": {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}},
+    }
+
+
+def queued_tasks() -> int:
+    """Commands the django-tasks-db queue holds; the queue is emptied."""
+    from django_tasks_db.models import DBTaskResult
+
+    count = sum(len(r.args_kwargs["args"][0]) for r in DBTaskResult.objects.all())
+    DBTaskResult.objects.all().delete()
+    return count
 
 
 def wall_time(args: argparse.Namespace) -> int:
     """Time the variants in interleaved rounds; 1 when a queue was wrong, else 0."""
-    site = build_site(args)
+    folder = tempfile.mkdtemp(prefix="km-bench-tasks-")
+    site = build_site(args, django_settings=tasks_settings(folder) if args.tasks else None)
+    if args.tasks:
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
     from django.conf import settings
     from django.core.signals import setting_changed
 
@@ -97,18 +139,20 @@ def wall_time(args: argparse.Namespace) -> int:
         settings.KISSMETRICS = value
         setting_changed.send(sender=type(settings), setting="KISSMETRICS", value=value, enter=True)
 
-    def locmem_round(name: str, run: Callable[[], None]) -> Callable[[], float]:
-        """The tracked requests with the locmem backend: the request path alone."""
-        measure = timed_round(name, run)
+    def switched_round(name: str, run: Callable[[], None], backend: str) -> Callable[[], float]:
+        """The tracked requests with another backend: ``locmem`` is the request path
+        alone; ``tasks`` enqueues on django-tasks-db, flushed like the celery rounds."""
+        measure = timed_round(name, run, flush=backend == "tasks")
 
         def switched() -> float:
-            use("locmem")
+            use(backend)
             try:
                 seconds = measure()
             finally:
                 use("celery")
-            if len(testing.outbox) != n:
-                raise RuntimeError(f"{len(testing.outbox)} commands in the outbox, expected {n}")
+            sent = queued_tasks() if backend == "tasks" else events_in(testing.outbox)
+            if sent != n:
+                raise RuntimeError(f"{sent} commands sent through {backend}, expected {n}")
             testing.outbox.clear()
             return seconds
 
@@ -117,19 +161,23 @@ def wall_time(args: argparse.Namespace) -> int:
     variants: dict[str, Callable[[], float]] = {}
     for label, cookie in VISITORS.items():
         tracked_path, plain_path = VIEWS[args.view]
-        tracked_run = runner(site.tracked, environ(tracked_path, cookie), n)
+        tracked_run = runner(site.tracked, environ(tracked_path, cookie, label), n)
         for name, run in (
-            (f"{label}|plain", runner(site.plain, environ(plain_path, cookie), n)),
+            (f"{label}|plain", runner(site.plain, environ(plain_path, cookie, label), n)),
             (f"{label}|celery", tracked_run),
         ):
             variants[name] = timed_round(name, run, flush=name.endswith("celery"))
-        variants[f"{label}|locmem"] = locmem_round(f"{label}|locmem", tracked_run)
+        variants[f"{label}|locmem"] = switched_round(f"{label}|locmem", tracked_run, "locmem")
+        if args.tasks:
+            variants[f"{label}|tasks"] = switched_round(f"{label}|tasks", tracked_run, "tasks")
 
     print("benchmarks/request.py: one km.record per request, celery backend, real Redis broker")
     print(_common.machine())
     conf = get_settings()
     print(f"middleware ({args.stack}): {', '.join(m.rsplit('.', 1)[1] for m in site.middleware)}")
+    print(hooks_label(args))
     print(f"view: {args.view} ({' against '.join(VIEWS[args.view])})")
+    print(f"AUTO_EVENTS: {'every item' if args.auto_events else 'none'}")
     print(
         f"publisher: {conf.PUBLISH}, window {conf.PUBLISH_WINDOW * 1000:g} ms; broker "
         f"{args.redis}, queue {site.queue}; {n} requests per round, {args.rounds} rounds "
@@ -205,6 +253,31 @@ def wall_time(args: argparse.Namespace) -> int:
             where,
         )
     )
+    if args.tasks:
+        print(
+            "\nthe tasks backend beside celery (django-tasks-db on a SQLite file: one INSERT "
+            "per message, from the publisher thread)"
+        )
+        tasks_rows = []
+        for label in VISITORS:
+            wall = {k: median(results[f"{label}|{k}"]) for k in ("plain", "celery", "tasks")}
+            used = {k: median(cpu[f"{label}|{k}"][1:]) for k in ("plain", "celery", "tasks")}
+            paired = [
+                t / p
+                for t, p in zip(results[f"{label}|tasks"], results[f"{label}|plain"], strict=True)
+            ]
+            tasks_rows.append(
+                [
+                    label,
+                    us(wall["celery"] - wall["plain"], sign=True),
+                    us(wall["tasks"] - wall["plain"], sign=True),
+                    f"{median(paired):.3f}x",
+                    us(used["celery"] - used["plain"], sign=True),
+                    us(used["tasks"] - used["plain"], sign=True),
+                ]
+            )
+        header = ["visitor", "celery added us", "tasks added us", "tasks ratio"]
+        print(table([*header, "CPU celery added us", "CPU tasks added us"], tasks_rows))
     if not ok:
         print("\nERROR: the queue did not hold exactly one command per tracked request")
     print("\nagainst the peers, in the same run: python benchmarks/request.py --peers")
@@ -226,12 +299,12 @@ def child(args: argparse.Namespace) -> int:
     label = next(label for label in VISITORS if label.startswith(visitor))
     tracked_path, plain_path = VIEWS[args.view]
     path, handler = (plain_path, site.plain) if kind == "plain" else (tracked_path, site.tracked)
-    run = runner(handler, environ(path, VISITORS[label]), args.requests)
+    run = runner(handler, environ(path, VISITORS[label], label), args.requests)
 
     def one_round() -> None:
         run()
         publisher.flush()
-        if kind == "locmem" and len(testing.outbox) != args.requests:
+        if kind == "locmem" and events_in(testing.outbox) != args.requests:
             raise RuntimeError(f"{len(testing.outbox)} commands in the outbox")
         testing.outbox.clear()
 
@@ -264,6 +337,8 @@ def instructions(args: argparse.Namespace) -> int:
     print("benchmarks/request.py --instructions: one km.record per request, counted by callgrind")
     print(_common.machine())
     print(f"CONSENT: {'a function reading the banner cookie' if args.consent else 'None'}")
+    print(f"AUTO_EVENTS: {'every item' if args.auto_events else 'none'}")
+    print(hooks_label(args))
     print(
         f"middleware ({args.stack}), view ({args.view}) and broker as in the timed run; "
         f"{n} requests per round, one Celery message per round"
@@ -284,6 +359,8 @@ def instructions(args: argparse.Namespace) -> int:
         command += ["--requests", str(n), "--redis", args.redis, "--stack", args.stack]
         command += ["--view", args.view]
         command += ["--queue", queue, *(["--consent"] if args.consent else [])]
+        command += ["--auto-events"] if args.auto_events else []
+        command += ["--hooks", args.hooks] if args.hooks else []
         # A fixed hash seed: the same dict and set layouts in every run.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -297,13 +374,22 @@ def instructions(args: argparse.Namespace) -> int:
             clean_up(client, queue)
         return int(found.group(1))
 
+    kinds = args.kinds.split(",") if args.kinds else list(KINDS)
+    if not set(kinds) <= set(KINDS):
+        print(f"--kinds: each of {','.join(KINDS)}")
+        return 2
     rows = []
     for label in VISITORS:
         visitor = label.split()[0]
-        per = {
-            kind: (count(kind, visitor, 3) - count(kind, visitor, 1)) / (2 * n)
-            for kind in ("plain", "tracked", "locmem")
-        }
+        if args.visitor and visitor != args.visitor:
+            continue
+        per = {}
+        for kind in kinds:
+            per[kind] = (count(kind, visitor, 3) - count(kind, visitor, 1)) / (2 * n)
+            # As it comes: under valgrind a run is long, and a partial one still tells.
+            print(f"  {label}, {kind}: {per[kind]:,.0f} instructions per request", flush=True)
+        if len(per) < len(KINDS):
+            continue  # --kinds: the lines above are the result.
         ratio = per["tracked"] / per["plain"]
         judged = label == "returning visitor" and args.view == "empty"
         if judged and ratio > TARGET:
@@ -320,6 +406,8 @@ def instructions(args: argparse.Namespace) -> int:
                 ("OK" if ratio <= TARGET else "MISSED") if judged else "not judged",
             ]
         )
+    if not rows:
+        return 0 if ok else 1
     print(
         "\ninstructions per request (all threads; 'request path' as in the timed run, "
         "with the locmem backend; 'publishing' the rest)"
@@ -362,6 +450,36 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="gate on CONSENT (a function reading a banner's cookie), every visitor agreed",
     )
+    parser.add_argument(
+        "--tasks",
+        action="store_true",
+        help="also time the tasks backend (Django Tasks on django-tasks-db, SQLite file)",
+    )
+    parser.add_argument(
+        "--auto-events",
+        action="store_true",
+        help="AUTO_EVENTS on (every item): the returning visitor is inside a visit, the "
+        "first visit arrives from a Google search by a campaign link",
+    )
+    parser.add_argument(
+        "--hooks",
+        nargs="?",
+        const=ALL_HOOKS,
+        metavar="sites,track,before_send",
+        help="set SITES (two sites), TRACK (staff and an office range kept out) and "
+        "BEFORE_SEND (a hook that keeps each command); or only the ones named",
+    )
+    parser.add_argument(
+        "--visitor",
+        choices=["returning", "first"],
+        help="--instructions: count this visitor only (default both)",
+    )
+    parser.add_argument(
+        "--kinds",
+        metavar="plain,tracked,locmem",
+        help="--instructions: count these variants only (default all three), each printed "
+        "as it is counted",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--queue", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -379,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.consent:
         add_consent_cookie()
+    if args.auto_events:
+        add_auto_events()
     if args.peers:
         import peers
 

@@ -29,12 +29,24 @@ class KissmetricsConfig(AppConfig):
         shutdown.install()
         worker.install()
         try:
-            from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+            from celery.signals import (
+                worker_init,
+                worker_process_shutdown,
+                worker_ready,
+                worker_shutdown,
+            )
         except ImportError:
             return
+        worker_init.connect(_load_client, dispatch_uid="django_kissmetrics.load_client")
         worker_shutdown.connect(_flush, dispatch_uid="django_kissmetrics.flush")
         worker_process_shutdown.connect(_flush, dispatch_uid="django_kissmetrics.flush_child")
         worker_ready.connect(_replay, dispatch_uid="django_kissmetrics.replay")
+
+
+def _load_client(**kwargs: Any) -> None:
+    # The HTTP client is imported by workers only, and once in the main process: a prefork
+    # pool's processes then share it instead of each paying for the import on its first batch.
+    from . import client  # noqa: F401
 
 
 def _flush(**kwargs: Any) -> None:

@@ -1,4 +1,5 @@
-"""Where commands go: ``celery`` (default), ``sync``, ``locmem``, ``disabled``, or your own.
+"""Where commands go: ``celery`` (default), ``tasks``, ``sync``, ``locmem``, ``disabled``,
+or your own.
 
 A backend is a subclass of :class:`BaseBackend` with one method, :meth:`~BaseBackend.send`.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "DisabledBackend",
     "LocmemBackend",
     "SyncBackend",
+    "TasksBackend",
     "get_backend",
 ]
 
@@ -102,8 +104,16 @@ class CeleryBackend(BaseBackend):
             publisher.get_publisher().submit(commands)
 
 
+class TasksBackend(CeleryBackend):
+    """Queues one Django Tasks task per batch (:mod:`django_kissmetrics.tasks_backend`).
+
+    Published off the request thread by the same publisher as Celery's batches.
+    """
+
+
 _ALIASES = {
     "celery": CeleryBackend,
+    "tasks": TasksBackend,
     "sync": SyncBackend,
     "locmem": LocmemBackend,
     "disabled": DisabledBackend,
@@ -112,9 +122,9 @@ _ALIASES = {
 
 @functools.cache
 def get_backend() -> BaseBackend:
-    """The configured backend (``DisabledBackend`` when there is no API key)."""
+    """The configured backend (``DisabledBackend`` when there is no API key nor ``SITES``)."""
     conf = get_settings()
-    if not conf.API_KEY:
+    if not (conf.API_KEY or conf.SITES):
         return DisabledBackend()
     cls = _ALIASES.get(conf.BACKEND)
     if cls is None:

@@ -27,7 +27,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from . import commands as cmd
-from . import publisher
+from . import publisher, shaping
 from .backends import CeleryBackend, get_backend
 from .commands import Command
 from .conf import get_settings
@@ -357,9 +357,12 @@ def run(
     dry_run: bool = False,
     out: IO[str] = sys.stdout,
     progress: Progress | None = None,
+    api_key: str | None = None,
 ) -> Summary:
     """Stream ``plan``'s rows and send them, one delivery per ``chunk_size`` rows.
 
+    Every command goes to the site ``api_key`` names (default ``API_KEY``), through
+    ``GLOBAL_PROPERTIES`` and ``BEFORE_SEND`` as any call outside a request does.
     With ``dry_run`` each command is printed to ``out`` as a JSON line instead. An
     interrupted run (Ctrl-C) still publishes what it handed over and returns a summary
     whose ``last_pk`` resumes it.
@@ -373,10 +376,14 @@ def run(
     started = time.monotonic()
     delivery_failed.connect(count_failures, weak=False)
     sender = Tracker()
+    conf = get_settings()
+    key = api_key or conf.API_KEY
     try:
         for rows in _chunks(plan.queryset.iterator(chunk_size=chunk_size), chunk_size):
             made = (_command(plan, row, summary) for row in rows)
-            batch = [command for command in made if command is not None]
+            keyed = (c._replace(api_key=key) for c in made if c is not None)
+            shaped = (shaping.shape(c, conf) for c in keyed) if conf.shaping else keyed
+            batch = [command for command in shaped if command is not None]
             summary.read += len(rows)
             if dry_run:
                 for command in batch:

@@ -9,22 +9,28 @@ import datetime as dt
 import decimal
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
+from urllib.parse import quote_plus
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_NAME_LENGTH",
+    "MAX_URL_BYTES",
     "MAX_VALUE_BYTES",
     "Command",
     "CommandKind",
+    "loggable",
     "make_alias",
     "make_record",
     "make_set",
+    "nameless_properties",
+    "normalised",
     "to_timestamp",
 ]
 
@@ -32,6 +38,10 @@ __all__ = [
 MAX_NAME_LENGTH = 255
 #: Property values longer than this many UTF-8 bytes are truncated.
 MAX_VALUE_BYTES = 8192
+#: The longest URL a command may make: its longest values are cut to fit.
+MAX_URL_BYTES = 8192
+#: What :data:`MAX_URL_BYTES` keeps for the tracking URL, the API key, ``_t`` and ``_d``.
+_URL_RESERVE = 320
 
 CommandKind = Literal["record", "set", "alias"]
 PATHS: dict[str, str] = {"record": "/e", "set": "/s", "alias": "/a"}
@@ -50,6 +60,8 @@ class Command(NamedTuple):
     ``timestamp`` is the Unix time of the call: it travels as ``_t`` with ``_d=1``, so
     a command delivered late, or twice, is still the same record to Kissmetrics.
     ``name`` is the event name for ``record`` and the second identity for ``alias``.
+    ``api_key`` is the site it belongs to (``SITES``, an ``api_key=`` argument or
+    ``API_KEY``, fixed when it is made); ``None``: whatever key delivers it.
     Immutable (a named tuple: one is made per tracked call, and a tuple is the cheapest
     immutable value to make).
     """
@@ -59,6 +71,7 @@ class Command(NamedTuple):
     name: str | None = None
     properties: Mapping[str, str] = _NO_PROPERTIES
     timestamp: int = 0
+    api_key: str | None = None
 
     @property
     def path(self) -> str:
@@ -83,26 +96,35 @@ class Command(NamedTuple):
             "name": self.name,
             "properties": dict(self.properties),
             "timestamp": self.timestamp,
+            "api_key": self.api_key,
         }
 
     def to_wire(self) -> list[Any]:
-        """The compact JSON-safe form a Celery message carries: the five fields in order."""
+        """The compact JSON-safe form a Celery message carries: the fields in order.
+
+        The key is the sixth item when there is one; a five-item form (a message queued
+        before keys travelled) is read as a command without a key.
+        """
         properties = self.properties
-        return [
+        wire = [
             self.kind,
             self.person,
             self.name,
             properties if type(properties) is dict else dict(properties),
             self.timestamp,
         ]
+        if self.api_key is not None:
+            wire.append(self.api_key)
+        return wire
 
     @classmethod
     def from_wire(cls, data: Sequence[Any] | Mapping[str, Any]) -> Command:
         """The inverse of :meth:`to_wire` (the :meth:`to_dict` form is read too)."""
         if isinstance(data, Mapping):
             return cls.from_dict(data)
-        kind, person, name, properties, timestamp = data
-        return cls(kind, person, name, dict(properties or {}), int(timestamp))
+        kind, person, name, properties, timestamp, *key = data
+        api_key = key[0] if key and isinstance(key[0], str) and key[0] else None
+        return cls(kind, person, name, dict(properties or {}), int(timestamp), api_key)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Command:
@@ -113,6 +135,7 @@ class Command(NamedTuple):
             name=data.get("name"),
             properties=dict(data.get("properties") or {}),
             timestamp=int(data["timestamp"]),
+            api_key=data.get("api_key") or None,
         )
 
 
@@ -240,6 +263,26 @@ def _property_name(raw_name: object, cleaned: str) -> str:
     return name
 
 
+def _back_date(value: object) -> float | None:
+    """A ``_t`` property's time: only a finite number; anything else is dropped.
+
+    Properties are often visitor input (``request.GET.dict()``): text there must neither
+    fail the request nor set the event's time.
+    """
+    if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = math.nan
+        if math.isfinite(number) and abs(number) < 2**40:
+            return number
+    logger.warning(
+        "Kissmetrics property _t dropped: it is not a number of Unix seconds (%s)",
+        type(value).__name__,
+    )
+    return None
+
+
 def _properties(
     properties: Mapping[str, Any] | None, timestamp: dt.datetime | float | int | None
 ) -> tuple[dict[str, str], int]:
@@ -263,7 +306,7 @@ def _properties(
         if cleaned == "_t":
             # The documented back-dating form: record("Signed Up", {"_d": 1, "_t": ...}).
             if timestamp is None and value is not None:
-                when = value
+                when = _back_date(value)
             continue
         if cleaned == "_d" or value is None:
             continue  # _d: always sent as 1, as every command carries its time.
@@ -279,14 +322,87 @@ def _properties(
     return out, int(time.time()) if when is None else to_timestamp(when)
 
 
+def _fit_url(person: str, name: str | None, props: dict[str, str]) -> dict[str, str]:
+    """``props`` cut so that the command's URL stays within :data:`MAX_URL_BYTES`.
+
+    The longest values are cut first, to a common length; properties that cannot fit
+    even with empty values are dropped. Either is logged at WARNING.
+    """
+    size = sum(map(len, props)) + sum(map(len, props.values()))
+    # Percent-encoding makes a character at most 12 bytes (4 UTF-8 bytes, 3 each):
+    # nearly every command is far below the limit and costs only the sums above.
+    budget = MAX_URL_BYTES - _URL_RESERVE - 12 * (len(person) + len(name or ""))
+    if 12 * size + 2 * len(props) <= budget:
+        return props
+    budget = MAX_URL_BYTES - _URL_RESERVE - len(quote_plus(person)) - len(quote_plus(name or ""))
+    names = {k: len(quote_plus(k)) + 2 for k in props}  # "&k=".
+    values = {k: len(quote_plus(v)) for k, v in props.items()}
+    if sum(names.values()) + sum(values.values()) <= budget:
+        return props
+    out = props
+    used = sum(names.values())
+    if used > budget // 2:
+        # So many names that values would have no room: keep the first ones.
+        out, used = {}, 0
+        for k, v in props.items():
+            if used + names[k] > budget // 2:
+                break
+            out[k], used = v, used + names[k]
+        logger.warning(
+            "Kissmetrics command cut to %d of %d properties: its URL would pass %d bytes",
+            len(out),
+            len(props),
+            MAX_URL_BYTES,
+        )
+        values = {k: values[k] for k in out}
+    room = budget - used
+    if sum(values.values()) <= room:
+        return out
+    out = dict(out)
+    # The common cap of the longest values: the largest c with sum(min(v, c)) <= room.
+    lengths = sorted(values.values())
+    cap, left = 0, room
+    for n, length in enumerate(lengths):
+        share = left // (len(lengths) - n)
+        if length > share:
+            cap = share
+            break
+        left -= length
+    else:  # pragma: no cover  (everything fitted: returned above)
+        return out
+    for k, length in values.items():
+        if length > cap:
+            out[k] = _fit_encoded(props[k], cap)
+    logger.warning(
+        "Kissmetrics property values cut to %d encoded bytes: the command's URL would "
+        "pass %d bytes",
+        cap,
+        MAX_URL_BYTES,
+    )
+    return out
+
+
+def _fit_encoded(text: str, budget: int) -> str:
+    """The longest start of ``text`` whose percent-encoded form takes ``budget`` bytes."""
+    low, high = 0, min(len(text), budget)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(quote_plus(text[:middle])) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
 def make_record(
     person: object,
     event: object,
     properties: Mapping[str, Any] | None = None,
     timestamp: dt.datetime | float | int | None = None,
+    api_key: str | None = None,
 ) -> Command:
     """A normalised ``record`` command (see the README for the rules)."""
-    return _record(_identity(person), event, properties, timestamp)
+    return _record(_identity(person), event, properties, timestamp, api_key)
 
 
 def _record(
@@ -294,28 +410,77 @@ def _record(
     event: object,
     properties: Mapping[str, Any] | None,
     timestamp: dt.datetime | float | int | None,
+    api_key: str | None = None,
 ) -> Command:
     # make_record() for a person already in normal form (a request's current person).
     name = _EVENT_NAMES.get(event) if type(event) is str else None
     if name is None:
         name = _event_name(event)
     props, ts = _properties(properties, timestamp)
+    if props:
+        props = _fit_url(person, name, props)
     # tuple.__new__, not Command(...): the named tuple's __new__ is one more Python call.
-    return _new_tuple(Command, ("record", person, name, props, ts))
+    return _new_tuple(Command, ("record", person, name, props, ts, api_key))
+
+
+def nameless_properties(
+    event: object, properties: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The properties to set when ``record`` names no event; ``None`` when it names one.
+
+    As in every Kissmetrics library, ``record`` without a name is ``set``: ``record(None,
+    props)``, ``record("", props)`` and ``record(props)`` all set ``props``.
+    """
+    if event is None or (type(event) is str and not event):
+        return {} if properties is None else properties
+    if isinstance(event, Mapping):
+        if properties is not None:
+            raise TypeError(
+                "Kissmetrics record(properties) takes the properties once: "
+                "record(properties) or record(None, properties)"
+            )
+        return event
+    return None
 
 
 def make_set(
     person: object,
     properties: Mapping[str, Any],
     timestamp: dt.datetime | float | int | None = None,
+    api_key: str | None = None,
 ) -> Command:
     """A normalised ``set`` command."""
     props, ts = _properties(properties, timestamp)
-    return Command("set", _identity(person), None, props, ts)
+    identity = _identity(person)
+    return Command("set", identity, None, _fit_url(identity, None, props), ts, api_key)
 
 
-def make_alias(person: object, identity: object) -> Command:
+def make_alias(person: object, identity: object, api_key: str | None = None) -> Command:
     """A normalised ``alias`` command joining two identities."""
     return Command(
-        "alias", _identity(person), _identity(identity), _NO_PROPERTIES, int(time.time())
+        "alias", _identity(person), _identity(identity), _NO_PROPERTIES, int(time.time()), api_key
+    )
+
+
+def normalised(command: Command) -> Command:
+    """``command`` in normal form again (after a hook changed it); the time and key kept."""
+    if command.kind not in PATHS:
+        raise ValueError(f"Kissmetrics command kind must be one of {sorted(PATHS)}")
+    if command.kind == "alias":
+        name = _identity(command.name, "identity")
+        return command._replace(person=_identity(command.person), name=name)
+    props, _ = _properties(command.properties, 0)
+    if command.kind == "set":
+        return command._replace(person=_identity(command.person), properties=props)
+    return command._replace(
+        person=_identity(command.person), name=_event_name(command.name), properties=props
+    )
+
+
+def loggable(commands: Sequence[Command]) -> str:
+    """``commands`` as JSON for a log line: in full, so that they can be sent again by
+    hand, but with only the last four characters of each API key."""
+    return json.dumps(
+        [{**c.to_dict(), "api_key": c.api_key and "..." + c.api_key[-4:]} for c in commands],
+        ensure_ascii=False,
     )

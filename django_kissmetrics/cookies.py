@@ -15,6 +15,8 @@ from typing import Any
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
+from django.http.request import split_domain_port, validate_host
+from django.utils.cache import patch_cache_control, patch_vary_headers
 from django.utils.http import http_date
 
 from .conf import get_settings
@@ -37,7 +39,11 @@ _HOST_SETTINGS = frozenset(
 
 
 def cookie_domain_for(request: HttpRequest) -> str | None:
-    """The ``Domain`` of ``km_ai`` for this request (``None``: host-only)."""
+    """The ``Domain`` of ``km_ai`` for this request (``None``: host-only).
+
+    ``COOKIE_DOMAIN`` when set; else the request's host, when it matches an
+    ``ALLOWED_HOSTS`` entry other than ``"*"``; else ``None``.
+    """
     configured = get_settings().COOKIE_DOMAIN
     if configured:
         return configured
@@ -53,7 +59,7 @@ def cookie_domain_for(request: HttpRequest) -> str | None:
         host = request.get_host()
     except Exception:  # DisallowedHost: Django answers 400 elsewhere; no Domain here.
         return None
-    domain = cookie_domain(host, None)
+    domain = cookie_domain(host, None) if _named_host(host) else None
     if key[1]:  # Without a Host header get_host() uses SERVER_NAME: not worth a key.
         if len(_domains) >= 256:
             _domains.clear()  # Bounded, whatever hosts ALLOWED_HOSTS lets in.
@@ -61,15 +67,49 @@ def cookie_domain_for(request: HttpRequest) -> str | None:
     return domain
 
 
+def _named_host(host: str) -> bool:
+    """``host`` matches an ``ALLOWED_HOSTS`` entry other than ``"*"``.
+
+    A ``Domain`` follows the request's host only then: with ``"*"`` (or a honoured
+    ``X-Forwarded-Host``) the host is whatever the request names, and a cookie for
+    ``Domain=github.io`` would reach every site under it.
+    """
+    from django.conf import settings
+
+    name, _ = split_domain_port(host)
+    allowed = [h for h in settings.ALLOWED_HOSTS if h != "*"]
+    return bool(name) and validate_host(name, allowed)
+
+
 def delete_cookies(response: HttpResponseBase, request: HttpRequest, names: list[str]) -> None:
     """Delete the cookies ``names`` with the ``Domain`` and path ``km_ai`` is written with.
 
     A cookie is deleted only by one with the same name, domain and path: the library and
-    the server both write them for :func:`cookie_domain_for` and ``/``.
+    the server both write them for :func:`cookie_domain_for` and ``/``. The response
+    becomes ``Cache-Control: private`` with ``Vary: Cookie``, as with
+    :func:`set_anonymous_cookie`.
     """
     domain = cookie_domain_for(request)
     for name in names:
         response.delete_cookie(name, path="/", domain=domain, samesite="Lax")
+    _not_shared(response)
+
+
+def _not_shared(response: HttpResponseBase) -> None:
+    # A response that writes one visitor's cookie must never be stored by a shared cache
+    # and handed to the next visitor (Django's own session and CSRF cookies get the same).
+    # The view's max-age stays: the visitor's own browser may still keep the page.
+    # Most responses have neither header: set, they are what Django's functions would
+    # write, for a tenth of their cost on a first visit.
+    headers = response.headers
+    if "Cache-Control" in headers:
+        patch_cache_control(response, private=True)
+    else:
+        headers["Cache-Control"] = "private"
+    if "Vary" in headers:
+        patch_vary_headers(response, ("Cookie",))
+    else:
+        headers["Vary"] = "Cookie"
 
 
 @receiver(setting_changed, dispatch_uid="django_kissmetrics.cookies")
@@ -173,7 +213,9 @@ def set_anonymous_cookie(response: HttpResponseBase, request: HttpRequest, value
     """Put ``km_ai`` holding ``value`` (percent-encoded) on ``response`` for ``request``.
 
     :func:`cookie_domain_for` and :func:`anonymous_cookie` in one step: a first visit's
-    cookie costs one lookup per ``Host`` header and second.
+    cookie costs one lookup per ``Host`` header and second. The response becomes
+    ``Cache-Control: private`` (keeping its ``max-age``) with ``Vary: Cookie``: no shared
+    cache may replay one visitor's id to another.
     """
     conf = get_settings()
     secure = request.is_secure()
@@ -190,3 +232,4 @@ def set_anonymous_cookie(response: HttpResponseBase, request: HttpRequest, value
                 _by_host.clear()
             _by_host[key] = ready
     response.cookies[name] = _fill(name, value, ready)
+    _not_shared(response)

@@ -1,42 +1,75 @@
-"""Delivering commands to the tracking server, and what happens to those that fail."""
+"""Delivering commands to the tracking server, and reporting those that are lost.
+
+What becomes of a command that was not delivered (a retry, the spool, or giving up) is
+decided in :mod:`django_kissmetrics.undelivered`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .client import KissmetricsClient
-from .commands import Command
+from .commands import Command, loggable
 from .conf import ConfigurationError, get_settings
 from .exceptions import TrackingError
 from .signals import delivery_failed
+
+if TYPE_CHECKING:
+    from .client import KissmetricsClient
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["client", "deliver", "deliver_now", "give_up"]
 
 
-def client() -> KissmetricsClient:
-    """A client configured from the ``KISSMETRICS`` setting."""
+def client(key: str | None = None) -> KissmetricsClient:
+    """A client for ``key`` (default ``API_KEY``) as the ``KISSMETRICS`` setting says.
+
+    Cheap to make: every client of a process shares its connections to the tracker.
+    """
+    # Imported here: the HTTP client is for workers; a web process never loads it.
+    from .client import KissmetricsClient
+
     conf = get_settings()
-    if not conf.API_KEY:
+    key = key or conf.API_KEY
+    if not key:
         # Not an answer from the tracker: a configuration to fix, with the commands kept.
         raise ConfigurationError("KISSMETRICS['API_KEY'] is not set")
-    return KissmetricsClient(conf.API_KEY, url=conf.TRACKING_URL, timeout=conf.TIMEOUT)
+    return KissmetricsClient(
+        key, url=conf.TRACKING_URL, timeout=conf.TIMEOUT, concurrency=conf.DELIVERY_CONCURRENCY
+    )
 
 
 def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
-    """Send ``commands`` over the pooled client; return the ones that failed."""
+    """Send ``commands`` with ``DELIVERY_CONCURRENCY`` calls in flight; return those that failed.
+
+    Each command goes with the key it was made with; one made without a key (a message
+    queued before keys travelled) goes with this process's ``API_KEY``.
+    """
     if not commands:
         return []
     conf = get_settings()
-    api = client()
-    # Aliases go first, so that a batch's events land on a person already joined.
-    aliases = [c for c in commands if c.kind == "alias"]
-    others = [c for c in commands if c.kind != "alias"]
-    failures = api.send_many(aliases, concurrency=1)
-    return failures + api.send_many(others, concurrency=conf.DELIVERY_CONCURRENCY)
+    by_key: dict[str | None, list[Command]] = {}
+    for command in commands:
+        by_key.setdefault(command.api_key or conf.API_KEY, []).append(command)
+    failures: list[tuple[Command, TrackingError]] = []
+    for key, group in by_key.items():
+        if key is None:
+            # Sending it under some other site's key would mix two sites' numbers.
+            error = TrackingError("no API key: the command has none and API_KEY is not set")
+            error.status = 400  # Not retriable: no later attempt will find a key.
+            failures += [(c, error) for c in group]
+            continue
+        api = client(key)
+        # Aliases go first, one at a time, so that a batch's events land on a person
+        # already joined.
+        aliases = [c for c in group if c.kind == "alias"]
+        if aliases:
+            failures += api.send_many(aliases, concurrency=1)
+        if len(aliases) < len(group):
+            failures += api.send_many([c for c in group if c.kind != "alias"])
+    return failures
 
 
 def deliver_now(commands: Sequence[Command], reason: str) -> None:
@@ -59,7 +92,7 @@ def give_up(commands: Sequence[Command], error: BaseException | None, reason: st
         len(commands),
         reason,
         error,
-        json.dumps([c.to_dict() for c in commands], ensure_ascii=False),
+        loggable(commands),
     )
     try:
         delivery_failed.send(sender=Command, commands=list(commands), error=error)

@@ -20,7 +20,9 @@ __all__ = [
     "user_identity",
 ]
 
-_ANONYMOUS_ID = re.compile(r"[A-Za-z0-9+/=]{1,255}")
+# At least 20 characters (120 bits) and not all digits: a value a visitor could guess, or
+# that could be someone's primary key or short username, is not an anonymous id.
+_ANONYMOUS_ID = re.compile(r"(?![0-9]*\Z)[A-Za-z0-9+/=]{20,255}")
 
 
 def user_identity(user: Any) -> str:
@@ -34,7 +36,13 @@ def new_anonymous_id() -> str:
 
 
 def is_anonymous_id(value: str) -> bool:
-    """Whether ``value`` is a plausible anonymous id (Base64 alphabet, 1 to 255 characters)."""
+    """Whether ``value`` can be an anonymous id: 20 to 255 characters of the Base64
+    alphabet, not all digits.
+
+    Shorter or all-digit values are what named identities look like (primary keys,
+    usernames): trusting one would record the visitor as that person, and alias them at
+    login. The ids this package and the JavaScript library make have 28 characters.
+    """
     return _ANONYMOUS_ID.fullmatch(value) is not None
 
 

@@ -25,20 +25,23 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.module_loading import import_string
 
+from . import shaping
 from . import tracker as tracker_module
 from .backends import get_backend
 from .commands import Command
 from .conf import get_settings
 from .middleware import _is_bot
+from .sites import key_for_host
 from .templatetags import kissmetrics as tag_module
 from .tracker import RequestTracker, Tracker
 
-__all__ = ["KissmetricsPanel", "consent_state"]
+__all__ = ["KissmetricsPanel", "consent_state", "site_state", "track_state"]
 
 SENT = "sent"
 DEFERRED = "deferred to the response"
 WAITING = "waiting on a transaction commit"
 ROLLED_BACK = "not sent: its transaction rolled back"
+DROPPED = "dropped by BEFORE_SEND"
 
 #: How the current person was worked out (RequestTracker.identity_source()).
 SOURCES = {
@@ -62,6 +65,8 @@ class _Recording:
         self.handed_over: list[Command] | None = None
         #: What {% kissmetrics_js %} emitted, in order; None: the tag did not render.
         self.pushes: list[list[Any]] | None = None
+        #: Commands BEFORE_SEND dropped.
+        self.dropped = 0
 
     def see(self, command: Command, state: str) -> dict[str, Any]:
         # Keyed by identity: the same Command object travels from the call to the
@@ -87,6 +92,7 @@ def _describe(command: Command) -> dict[str, Any]:
         "name": command.name,
         "properties": dict(command.properties),
         "timestamp": command.timestamp if command.kind != "alias" else None,
+        "api_key": command.api_key or "",
         "time": when.strftime("%Y-%m-%d %H:%M:%S UTC") if command.kind != "alias" else "",
     }
 
@@ -133,6 +139,7 @@ def _install() -> None:
         close = RequestTracker.close
         send = Tracker._send
         page_commands = tag_module.page_commands
+        dropped = shaping.dropped
 
         @functools.wraps(close)
         def observed_close(self: RequestTracker) -> list[Command]:
@@ -160,6 +167,15 @@ def _install() -> None:
                 recording.pushes = [*(recording.pushes or []), *emitted]
             return emitted
 
+        @functools.wraps(dropped)
+        def observed_dropped(command: Command, hook: str) -> None:
+            recording = _recording.get()
+            if recording is not None:
+                recording.see(command, DROPPED)
+                recording.dropped += 1
+            dropped(command, hook)
+
+        shaping.dropped = observed_dropped
         RequestTracker.close = observed_close  # type: ignore[method-assign]
         Tracker._send = observed_send  # type: ignore[method-assign]
         tag_module.page_commands = observed_page_commands
@@ -192,6 +208,37 @@ def consent_state(request: HttpRequest) -> str:
     return f"given ({path})" if given else f"not given ({path})"
 
 
+def track_state(request: HttpRequest) -> str:
+    """The ``TRACK`` function's answer for ``request``, in words."""
+    path = get_settings().TRACK
+    if not path:
+        return "no TRACK function"
+    try:
+        answer = import_string(path)(request)
+    except Exception as exc:
+        return f"{path} raised {type(exc).__name__}: {exc} (not tracked)"
+    return f"tracked ({path})" if answer else f"kept out ({path})"
+
+
+def site_state(request: HttpRequest, tracker: RequestTracker | None) -> str:
+    """Which site (API key) this request belongs to, and why."""
+    conf = get_settings()
+    key = tracker.api_key if tracker is not None else None
+    if conf.SITES is None:
+        return f"{key or 'none'} (API_KEY)"
+    if isinstance(conf.SITES, str):
+        return f"{key or 'none'} (SITES: {conf.SITES})"
+    try:
+        host = request.get_host()
+    except Exception:
+        host = "a host ALLOWED_HOSTS refuses"
+    if key is None:
+        return f"none: {host} is in no SITES entry and there is no API_KEY"
+    matched = key_for_host(host, conf.SITES, None) is not None
+    source = "SITES" if matched else "API_KEY, the default"
+    return f"{key} ({source}, host {host})"
+
+
 def _visitor(request: HttpRequest, tracker: RequestTracker | None) -> dict[str, Any]:
     """Why this visitor is, or is not, tracked."""
     conf = get_settings()
@@ -214,6 +261,8 @@ def _visitor(request: HttpRequest, tracker: RequestTracker | None) -> dict[str, 
         "bot": bool(bots is not None and _is_bot(agent, bots)),
         "user_agent": agent,
         "consent": consent_state(request),
+        "site": site_state(request, tracker),
+        "track": track_state(request),
     }
 
 
@@ -255,7 +304,9 @@ class KissmetricsPanel(Panel):
         stats = self.get_stats()  # type: ignore[no-untyped-call]
         if not stats:
             return ""
-        return f"{len(stats['commands'])} server, {len(stats['pushes'])} browser"
+        dropped = stats.get("dropped", 0)
+        text = f"{len(stats['commands']) - dropped} server, {len(stats['pushes'])} browser"
+        return f"{text}, {dropped} dropped" if dropped else text
 
     def generate_stats(self, request: HttpRequest, response: HttpResponseBase) -> None:
         """Turn what was recorded into the panel's (JSON-safe) stats."""
@@ -272,11 +323,24 @@ class KissmetricsPanel(Panel):
                 "commands": recording.commands,
                 "pushes": pushes,
                 "pushes_state": pushes_state,
+                "triggers": [tag_module.js_value(c) for c in (tracker.triggers if tracker else ())],
+                "acquired": _acquired(tracker),
                 "person": _person(tracker),
                 "visitor": _visitor(request, tracker),
                 "backend_class": type(get_backend()).__name__,
+                "dropped": recording.dropped,
             }
         )
+
+
+def _acquired(tracker: RequestTracker | None) -> list[dict[str, Any]]:
+    """The acquisition events (``AUTO_EVENTS``) the middleware recorded on this request."""
+    if tracker is None:
+        return []
+    return [
+        {"event": name, "kind": "record" if name else "set", "properties": dict(properties)}
+        for name, properties in tracker.acquired
+    ]
 
 
 def _pushes(recording: _Recording, tracker: RequestTracker | None) -> tuple[list[str], str]:

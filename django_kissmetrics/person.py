@@ -11,6 +11,7 @@ import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from django.utils import timezone
 from django.utils.functional import SimpleLazyObject, empty
@@ -154,6 +155,32 @@ class CurrentPerson:
             # the request is tracked under the anonymous id, and the error logged.
             logger.exception("Kissmetrics: IDENTITY failed for user %r", getattr(user, "pk", None))
             return None
+
+    def is_visitor(self, identity: str) -> bool:
+        """Whether ``identity`` names this visitor: their ``km_ai``, their identity from
+        ``km.identify()`` in the session, or the logged-in user's identity.
+
+        Used while the visitor has not agreed to analytics (``CONSENT``), when the
+        tracker is not active: a call naming the visitor themself is tracking them.
+        """
+        request = self.request
+        raw = request.COOKIES.get(get_settings().COOKIE_NAME)
+        if raw and len(raw) <= 1024 and unquote(raw) == identity:
+            return True
+        try:
+            named = cmd._identity(identity)
+        except (TypeError, ValueError):
+            return False  # Not an identity at all: the call itself will say so.
+        session = stored_session(request)
+        if session is not None and session.get(SESSION_IDENTITY) == named:
+            return True
+        user = getattr(request, "user", None)
+        return bool(
+            user is not None
+            and (session is not None or not _lazy_session_user(user))
+            and user.is_authenticated
+            and self._named_identity(user) == named
+        )
 
     @property
     def named(self) -> bool:

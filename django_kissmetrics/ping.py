@@ -2,9 +2,10 @@
 
 The hops, in order: the settings and the API key; with the ``celery`` backend, the broker,
 then a worker taking the ping task (``django_kissmetrics.ping``) and its own settings
-(``worker configuration``: a worker without an API key); last, the tracking server's
-answer. The worker reports back through a queue of its own on the broker, so
-the ping works with a broker alone, without a result backend. Any other backend sends
+(``worker configuration``: a worker without an API key); with ``tasks``, the task
+enqueued, then a worker picking it up; last, the tracking server's answer. A Celery worker
+reports back through a queue of its own on the broker, so the ping works with a broker
+alone, without a result backend; a task reports through its result. Any other backend sends
 straight to the tracking server from this process.
 """
 
@@ -41,30 +42,39 @@ class PingFailed(Exception):
         self.hop = hop
 
 
-def run(identity: str, timeout: float, report: Report) -> str:
+def run(identity: str, timeout: float, report: Report, api_key: str | None = None) -> str:
     """Send the ping event for ``identity``; return its token, or raise :class:`PingFailed`.
 
     Each hop that worked is passed to ``report``; the whole ping ends within about
-    ``timeout`` seconds.
+    ``timeout`` seconds. ``api_key`` names the site (one of ``SITES``); default ``API_KEY``.
     """
     deadline = time.monotonic() + timeout
     try:
         conf = get_settings()
     except ConfigurationError as exc:
         raise PingFailed("settings", str(exc)) from None
-    if not conf.API_KEY:
-        raise PingFailed("settings", 'KISSMETRICS["API_KEY"] is not set: nothing is sent')
+    key = api_key or conf.API_KEY
+    if not key:
+        hint = " (SITES is set: name a site with --api-key)" if conf.SITES else ""
+        raise PingFailed("settings", f'KISSMETRICS["API_KEY"] is not set: nothing is sent{hint}')
     if conf.BACKEND in ("disabled", "locmem"):
         raise PingFailed("settings", f'KISSMETRICS["BACKEND"] is {conf.BACKEND!r}: nothing is sent')
     token = secrets.token_hex(8)
-    command = make_record(identity, EVENT, {"token": token})
+    command = make_record(identity, EVENT, {"token": token}, api_key=key)
+    which = "--api-key" if api_key else "API_KEY"
     report(
         "settings",
         f"BACKEND {conf.BACKEND!r}, TRACKING_URL {conf.TRACKING_URL}, "
-        f"API_KEY {_masked(conf.API_KEY)}; sending {EVENT!r} for {identity!r}, token {token}",
+        f"{which} {_masked(key)}; sending {EVENT!r} for {identity!r}, token {token}",
     )
     if conf.BACKEND == "celery":
         _through_celery(conf, command, deadline, report)
+    elif conf.BACKEND == "tasks":
+        try:
+            from .tasks_backend import ping_through_tasks
+        except ImportError:
+            raise PingFailed("tasks", "Django Tasks is not installed (check E006)") from None
+        ping_through_tasks(conf, command, deadline, report)
     else:
         report("delivery", f"BACKEND {conf.BACKEND!r}: straight from this process")
         _direct(conf, command, deadline, report)
@@ -77,7 +87,8 @@ def _masked(key: str) -> str:
 
 def _direct(conf: Settings, command: Command, deadline: float, report: Report) -> None:
     wait = max(0.1, min(conf.TIMEOUT, deadline - time.monotonic()))
-    client = KissmetricsClient(conf.API_KEY or "", url=conf.TRACKING_URL, timeout=wait)
+    key = command.api_key or conf.API_KEY or ""
+    client = KissmetricsClient(key, url=conf.TRACKING_URL, timeout=wait)
     started = time.monotonic()
     try:
         status: int | None = client.send(command)

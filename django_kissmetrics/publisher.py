@@ -17,7 +17,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from .commands import Command
+from . import undelivered
+from .commands import Command, loggable
 from .conf import get_settings
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,16 @@ MAX_BATCH = 500
 
 
 def try_publish(commands: Sequence[Command]) -> BaseException | None:
-    """Publish one Celery message; return the broker's error, or None once it is queued."""
+    """Publish one Celery message; return the broker's error, or None once it is queued.
+
+    With ``BACKEND = "tasks"`` it enqueues one Django Tasks task instead.
+    """
+    if get_settings().BACKEND == "tasks":
+        from .tasks_backend import try_enqueue
+
+        return try_enqueue(commands)
     from celery.result import EagerResult
 
-    from . import delivery
     from .tasks import deliver
 
     try:
@@ -64,38 +71,8 @@ def try_publish(commands: Sequence[Command]) -> BaseException | None:
     # is a round trip to the result backend, and without one it raises, which would
     # report a queued batch as lost (and deliver it twice with ON_ENQUEUE_FAILURE="sync").
     if isinstance(result, EagerResult) and result.failed():
-        delivery.give_up(commands, result.result, "eager delivery failed")
+        undelivered.give_up(commands, result.result, "eager delivery failed")
     return None
-
-
-def _unqueued(commands: Sequence[Command], exc: BaseException) -> bool:
-    """Deal with ``commands`` the broker did not take, as ``ON_ENQUEUE_FAILURE`` says.
-
-    Runs in the publisher thread (or, once a stop was signalled, in the caller). True
-    when they were spooled.
-    """
-    from . import delivery, spool
-
-    how = get_settings().ON_ENQUEUE_FAILURE
-    if how == "log":
-        delivery.give_up(commands, exc, "could not queue")
-        return False
-    if how == "sync":
-        logger.warning("Kissmetrics: could not queue (%s); delivering directly", exc)
-        try:
-            failures = delivery.deliver(commands)
-        except Exception as error:
-            return spool.keep(commands, error, "broker down, direct delivery failed")
-        delivery.give_up(
-            [c for c, e in failures if not e.retriable],
-            failures[-1][1] if failures else None,
-            "refused by the server",
-        )
-        retriable = [c for c, e in failures if e.retriable]
-        return bool(retriable) and spool.keep(
-            retriable, failures[-1][1], "broker down, direct delivery failed"
-        )
-    return spool.keep(commands, exc, "could not queue")
 
 
 def publish(commands: Sequence[Command]) -> bool:
@@ -106,7 +83,7 @@ def publish(commands: Sequence[Command]) -> bool:
     exc = try_publish(commands)
     if exc is None:
         return True
-    _unqueued(commands, exc)
+    undelivered.unqueued(commands, exc)
     return False
 
 
@@ -121,7 +98,7 @@ def publish_inline(commands: Sequence[Command]) -> None:
     if exc is None:
         return
     if _stop_signalled or get_settings().ON_ENQUEUE_FAILURE == "log":
-        _unqueued(commands, exc)
+        undelivered.unqueued(commands, exc)
     else:
         get_publisher().take_unqueued(commands, exc)
 
@@ -162,6 +139,8 @@ class Publisher:
         #: Held while a batch is being published, so that a caller publishing at stop
         #: waits for the thread's batch in flight rather than racing it.
         self._publishing = threading.Lock()
+        #: The commands being published now (by the thread or a caller at stop).
+        self.in_flight: Sequence[Command] = ()
         #: The broker failed: new batches go straight to the spool until a probe works.
         self.outage = False
         self._probe = PROBE_FIRST
@@ -173,9 +152,7 @@ class Publisher:
     def submit(self, commands: Sequence[Command]) -> None:
         """Hand ``commands`` over without blocking; log them if the buffer is full."""
         if len(self.pending) >= self.maxsize:
-            from .delivery import give_up
-
-            give_up(commands, None, "publisher queue full")
+            undelivered.give_up(commands, None, "publisher queue full")
             return
         self.pending.append(tuple(commands))
         if self.stop_signalled:
@@ -200,21 +177,46 @@ class Publisher:
             self._replay_at = due
         self._wake.set()
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Publish everything submitted so far; wait at most ``timeout`` seconds."""
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Publish everything submitted so far; wait at most ``timeout`` seconds.
+
+        False when the thread did not finish in time.
+        """
         if not self.thread.is_alive():
-            return
+            return True
         done = threading.Event()
         self._waiters.append(done)
         self._hurry.set()
         self._wake.set()
-        done.wait(timeout)
+        return done.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Flush and end the thread."""
         self._stopping = True
         self.flush(timeout)
         self.thread.join(timeout)
+
+    def flush_or_report(self, timeout: float, when: str) -> bool:
+        """:meth:`flush`; then log at ERROR, in full, whatever the thread still holds.
+
+        At a stop or at exit: the process may end before the thread publishes what it
+        did not get to within ``timeout`` (a machine so busy that the thread is not
+        scheduled, a broker that hangs), and that must not go unseen. True when nothing
+        was left.
+        """
+        if self.flush(timeout):
+            return True
+        held = [*self.in_flight, *(c for batch in list(self.pending) for c in batch)]
+        if held:
+            logger.error(
+                "Kissmetrics: %d command(s) not yet published %.1f s after %s; they are "
+                "lost if the process ends before the publisher thread sends them: %s",
+                len(held),
+                timeout,
+                when,
+                loggable(held),
+            )
+        return not held
 
     def _publish_pending(self) -> None:
         batch: list[Command] = []
@@ -224,18 +226,20 @@ class Publisher:
             self._broker_failed(*self.unqueued.popleft())
         for start in range(0, len(batch), MAX_BATCH):
             chunk = batch[start : start + MAX_BATCH]
-            if self.outage:
-                from .spool import keep
-
-                keep(chunk, None, "broker down")
-            elif publish(chunk) is False:
-                self._broker_failed()
+            self.in_flight = chunk
+            try:
+                if self.outage:
+                    undelivered.keep(chunk, None, "broker down", replay=False)
+                elif publish(chunk) is False:
+                    self._broker_failed()
+            finally:
+                self.in_flight = ()
 
     def _broker_failed(
         self, commands: Sequence[Command] = (), exc: BaseException | None = None
     ) -> None:
         if commands and exc is not None:
-            _unqueued(commands, exc)
+            undelivered.unqueued(commands, exc)
         how = get_settings().ON_ENQUEUE_FAILURE
         if how == "log":
             return
@@ -316,7 +320,18 @@ def get_publisher() -> Publisher:
             if _publisher is None:
                 conf = get_settings()
                 _publisher = Publisher(conf.PUBLISH_QUEUE_SIZE, conf.PUBLISH_WINDOW)
+                # A stop signalled while it was being made saw no publisher to tell.
+                _publisher.stop_signalled = _publisher.stop_signalled or _stop_signalled
     return _publisher
+
+
+def _replay_spooled(delay: float) -> None:
+    # Commands this process spooled (a worker's, past MAX_RETRIES): its publisher
+    # thread replays them through the broker once due, unless another process does first.
+    get_publisher().replay_after(delay)
+
+
+undelivered.on_spooled(_replay_spooled)
 
 
 def flush(timeout: float = 5.0) -> None:
@@ -339,7 +354,7 @@ _stop_signalled = False
 
 
 def stop_signalled(timeout: float = 5.0) -> None:
-    """The process is stopping: flush now, and publish every later submission at once."""
+    """The process is stopping: publish now, and publish every later submission at once."""
     global _stop_signalled
     _stop_signalled = True
     current = _publisher
@@ -347,7 +362,16 @@ def stop_signalled(timeout: float = 5.0) -> None:
         return
     current.stop_signalled = True
     if threading.current_thread() is not current.thread:
-        current.flush(timeout)
+        # The thread publishes, not this one: a signal handler can interrupt a thread
+        # that holds the broker connection's locks, and would then wait on itself.
+        current.flush_or_report(timeout, "a stop was signalled")
+
+
+def _at_exit(timeout: float = 5.0) -> None:
+    # The last chance: the publisher thread is a daemon, gone with the interpreter.
+    current = _publisher
+    if current is not None and threading.current_thread() is not current.thread:
+        current.flush_or_report(timeout, "the process began to exit")
 
 
 def _after_fork() -> None:
@@ -364,6 +388,6 @@ os.register_at_fork(after_in_child=_after_fork)
 # This is the hook concurrent.futures itself uses; atexit is the fallback.
 _register = getattr(threading, "_register_atexit", None)
 if _register is not None:
-    _register(flush)
+    _register(_at_exit)
 else:  # pragma: no cover
-    atexit.register(flush)
+    atexit.register(_at_exit)

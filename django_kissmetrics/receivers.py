@@ -33,10 +33,20 @@ def _safely(action: Callable[[], None]) -> None:
 
 
 def on_login(sender: Any, request: Any = None, user: Any = None, **kwargs: Any) -> None:
-    """Alias the anonymous id to the user, identify, record ``LOGIN_EVENT``."""
+    """Alias the anonymous id to the user, identify, record ``LOGIN_EVENT``.
+
+    A user created earlier in the same request (without allauth) signs up first: the
+    visitor became the user they just created.
+    """
     tracker = _tracker(request)
     if tracker is not None and user is not None:
-        _safely(lambda: tracker.login(user))
+        _safely(lambda: _logged_in(tracker, user))
+
+
+def _logged_in(tracker: RequestTracker, user: Any) -> None:
+    if _created_here(tracker, user):
+        tracker.signup(user)
+    tracker.login(user)
 
 
 def on_logout(sender: Any, request: Any = None, **kwargs: Any) -> None:
@@ -54,20 +64,21 @@ def on_signup(sender: Any, request: Any = None, user: Any = None, **kwargs: Any)
 
 
 def on_user_created(sender: Any, instance: Any, created: bool = False, **kwargs: Any) -> None:
-    """A user created by an anonymous visitor's request is a signup."""
+    """Note a user created in a visitor's request: a signup if they log in as it (``on_login``).
+
+    A user created for someone else (an invitation, a staff tool, a guest checkout) is
+    not the visitor: no alias, no identify, no event under the visitor.
+    """
     if not created or kwargs.get("raw"):
         return
     tracker = _current.get()
-    if tracker is None or not tracker.active:
-        return
+    if tracker is not None and tracker.active:
+        tracker.created_users = {*tracker.created_users, instance.pk}
 
-    def signup() -> None:
-        # Staff creating accounts for others is not a signup by this visitor.
-        user = getattr(tracker.request, "user", None)
-        if user is None or not user.is_authenticated:
-            tracker.signup(instance)
 
-    _safely(signup)
+def _created_here(tracker: RequestTracker, user: Any) -> bool:
+    # Connected for the user model only: its primary key names the user.
+    return getattr(user, "pk", None) in tracker.created_users
 
 
 def _custom_identity() -> bool:

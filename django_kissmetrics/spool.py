@@ -2,9 +2,15 @@
 
 One SQLite file (stdlib ``sqlite3``, WAL mode) under ``SPOOL_DIR``, shared by every
 process of the site: web processes, their publisher threads and Celery workers. Each
-entry is one batch in its wire form, every command with the ``_t`` of its call. An
-entry is replayed once: a process *claims* it (a lease, so that the entries of a process
-that dies while replaying come back), publishes it, then deletes it.
+entry is one batch in its wire form, every command with the ``_t`` of its call, and the
+API key it was made with: a process replays only its own key's entries. An entry is
+replayed once: a process *claims* it (a lease, so that the entries of a process that
+dies while replaying come back), publishes it, then deletes it. An entry that cannot be
+read back is moved to the ``quarantine`` table, with one ERROR line.
+
+The folder holds people's identities and properties: it is created 0700 and its files
+0600, and a folder this process's user does not own alone (another owner, group or
+other access, a symbolic link) is refused, with nothing written there.
 
 Only the publisher thread, workers and the ``kissmetrics_spool`` command touch the
 spool: never a request.
@@ -14,19 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from .commands import Command
+from .commands import PATHS, Command
 from .conf import Settings, get_settings
 from .delivery import give_up
 
@@ -39,8 +48,10 @@ __all__ = [
     "SpoolError",
     "Status",
     "default_dir",
+    "folder_problem",
     "get_spool",
     "keep",
+    "parse",
     "replay",
 ]
 
@@ -64,8 +75,18 @@ CREATE TABLE IF NOT EXISTS entries (
     count INTEGER NOT NULL,       -- commands in payload
     payload TEXT NOT NULL,        -- JSON list of Command.to_wire() forms
     claimed_by TEXT,
-    claimed_at REAL
-)
+    claimed_at REAL,
+    api_key TEXT                  -- the key its commands were made with (NULL: unknown)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    entry INTEGER NOT NULL,       -- the entry's id in entries
+    created REAL NOT NULL,        -- when the entry was spooled
+    quarantined REAL NOT NULL,    -- when it was moved here
+    reason TEXT NOT NULL,
+    api_key TEXT,
+    payload TEXT
+);
 """
 
 _T = TypeVar("_T")
@@ -92,6 +113,8 @@ class Status:
     bytes: int  #: Bytes of their payload.
     oldest: int | None  #: ``_t`` of the oldest command, Unix seconds.
     claimed: int  #: Entries some process is replaying now.
+    other_keys: int = 0  #: Entries made with another API key: left for their own site.
+    quarantined: int = 0  #: Entries that could not be read back, kept aside.
 
 
 def _corrupt(exc: sqlite3.DatabaseError) -> bool:
@@ -103,6 +126,90 @@ def _corrupt(exc: sqlite3.DatabaseError) -> bool:
     return type(exc) is sqlite3.DatabaseError
 
 
+def folder_problem(directory: str | os.PathLike[str]) -> str | None:
+    """What makes ``directory`` unfit for the spool, with the fix; ``None``: fit or absent.
+
+    Fit: a real folder (not a symbolic link) owned by this process's user, with no
+    group or other permission bits. Nothing is created or changed.
+    """
+    path = Path(directory)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"the spool folder {path} cannot be read ({exc.strerror})"
+    fix = (
+        "remove it, or set KISSMETRICS['SPOOL_DIR'] to a folder of your own "
+        "(it is created with mode 0700)"
+    )
+    if stat.S_ISLNK(info.st_mode):
+        return f"the spool folder {path} is a symbolic link, which is not used: {fix}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"the spool folder {path} is not a folder: {fix}"
+    uid = _uid()
+    if uid is None:
+        return None  # Windows: no owner ids and no mode bits to check.
+    if info.st_uid != uid:
+        return (
+            f"the spool folder {path} belongs to user id {info.st_uid}, not to this "
+            f"process's user ({uid}): {fix}"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        return (
+            f"the spool folder {path} has mode {mode:04o}; group and others must have "
+            f"no access: "
+            f"run chmod 700 {path} (or remove it)"
+        )
+    return None
+
+
+def _uid() -> int | None:
+    geteuid = getattr(os, "geteuid", None)  # Not on Windows, which has no modes either.
+    return None if geteuid is None else int(geteuid())
+
+
+def _own_folder(directory: Path) -> None:
+    """Create ``directory`` (0700), or make sure the one there is fit; else raise."""
+    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        # The mode is applied at creation (less the umask, which can only take bits
+        # away): there is no moment at which the folder is open to others.
+        directory.mkdir(mode=0o700)
+    problem = folder_problem(directory)
+    if problem is not None:
+        raise SpoolError(problem)
+
+
+def _own_files(path: Path) -> None:
+    """Create the spool file 0600 before SQLite does; tighten the mode of older files.
+
+    SQLite gives its -wal and -shm files the mode of the database file, so they are
+    0600 too.
+    """
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SpoolError(f"the spool file {path} is not a regular file: remove it")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)  # Written by an earlier version, with the umask's mode.
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        other = Path(f"{path}{suffix}")
+        try:
+            info = os.lstat(other)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            raise SpoolError(f"the spool file {other} is not a regular file: remove it")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(other, 0o600)
+
+
 class Spool:
     """The spool file at ``directory/spool.sqlite3``; safe to share between processes.
 
@@ -112,11 +219,22 @@ class Spool:
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, max_bytes: int, max_age: float
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_bytes: int,
+        max_age: float,
+        api_key: str | None = None,
+        site_keys: frozenset[str] | None = frozenset(),
     ) -> None:
         self.path = Path(directory) / FILENAME
         self.max_bytes = max_bytes
         self.max_age = max_age
+        #: The key this process sends with: entries made with another are not its own.
+        self.api_key = api_key
+        #: The other keys of this site's settings (``SITES``) whose entries it replays;
+        #: ``None``: any key (``SITES`` is a function, whose keys cannot be listed).
+        self.site_keys = site_keys
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
@@ -135,7 +253,8 @@ class Spool:
         self._db, self._pid = None, os.getpid()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _own_folder(self.path.parent)
+            _own_files(self.path)
             db = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
@@ -147,7 +266,10 @@ class Spool:
             # With WAL, NORMAL survives the crash of any process; only a power cut can
             # lose the last commits.
             db.execute("PRAGMA synchronous = NORMAL")
-            db.execute(_SCHEMA)
+            db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+            if "api_key" not in columns:  # A spool written before keys were recorded.
+                db.execute("ALTER TABLE entries ADD COLUMN api_key TEXT")
             self._inode = os.stat(self.path).st_ino
         except BaseException:
             db.close()
@@ -211,50 +333,110 @@ class Spool:
 
     # Operations.
 
+    def _key_of(self, command: Command) -> str | None:
+        # A command that names its own key (several sites in one process) keeps it.
+        return getattr(command, "api_key", None) or self.api_key
+
+    def _mine(self) -> tuple[str, tuple[Any, ...]]:
+        """The SQL condition, and its parameters, of the entries this process may replay."""
+        if self.site_keys is None:
+            return "1", ()
+        keys = sorted(k for k in {self.api_key, *self.site_keys} if k is not None)
+        if not keys:
+            return "api_key IS NULL", ()
+        # NULL: spooled before keys were recorded, into this site's own folder.
+        return f"(api_key IS NULL OR api_key IN ({', '.join('?' * len(keys))}))", tuple(keys)
+
     def put(self, commands: Sequence[Command], *, delay: float = 0.0) -> bool:
-        """Spool ``commands`` as one entry, replayable after ``delay`` seconds.
+        """Spool ``commands`` as one entry per API key, replayable after ``delay`` seconds.
 
         False when it would take the spool past ``max_bytes`` (nothing is written).
         """
-        payload = json.dumps([c.to_wire() for c in commands], separators=(",", ":"))
-        size = len(payload.encode())
-        stamps = [c.timestamp for c in commands]
-        now = time.time()
+        return self.add(commands, delay=delay) is not None
 
-        def insert(db: sqlite3.Connection) -> bool:
+    def add(self, commands: Sequence[Command], *, delay: float = 0.0) -> list[int] | None:
+        """:meth:`put`, returning the new entries' ids (``None``: past ``max_bytes``)."""
+        by_key: dict[str | None, list[Command]] = {}
+        for command in commands:
+            by_key.setdefault(self._key_of(command), []).append(command)
+        now = time.time()
+        rows = []
+        for key, group in by_key.items():
+            payload = json.dumps([c.to_wire() for c in group], separators=(",", ":"))
+            stamps = [c.timestamp for c in group]
+            size = len(payload.encode())
+            rows.append(
+                (min(stamps), max(stamps), now, now + delay, size, len(group), payload, key)
+            )
+        size = sum(row[4] for row in rows)
+
+        def insert(db: sqlite3.Connection) -> list[int] | None:
             with self._transaction(db):
                 (total,) = db.execute("SELECT total(size) FROM entries").fetchone()
                 if total + size > self.max_bytes:
-                    return False
-                db.execute(
-                    "INSERT INTO entries (oldest, newest, created, not_before, size, count,"
-                    " payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (min(stamps), max(stamps), now, now + delay, size, len(commands), payload),
-                )
-            return True
+                    return None
+                ids = []
+                for row in rows:
+                    cursor = db.execute(
+                        "INSERT INTO entries (oldest, newest, created, not_before, size,"
+                        " count, payload, api_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                    ids.append(int(cursor.lastrowid or 0))
+            return ids
 
         return self._run(insert)
 
     def claim(self, limit: int = CHUNK) -> list[Entry]:
-        """Take up to ``limit`` entries due for replay, oldest first, for :data:`LEASE` s."""
-        now = time.time()
+        """Take up to ``limit`` entries due for replay, oldest first, for :data:`LEASE` s.
 
-        def take(db: sqlite3.Connection) -> list[Entry]:
+        Only this process's own API key's entries. Each is read back on its own: one
+        that cannot be (a malformed payload) is moved to the quarantine table with one
+        ERROR line, and the others are taken.
+        """
+        now = time.time()
+        mine, keys = self._mine()
+
+        def take(db: sqlite3.Connection) -> tuple[list[Entry], list[tuple[int, str]]]:
             with self._transaction(db):
                 rows = db.execute(
-                    "SELECT id, payload FROM entries WHERE not_before <= ?"
+                    f"SELECT id, payload FROM entries WHERE {mine} AND not_before <= ?"
                     " AND (claimed_at IS NULL OR claimed_at < ?) ORDER BY oldest, id LIMIT ?",
-                    (now, now - LEASE, limit),
+                    (*keys, now, now - LEASE, limit),
                 ).fetchall()
+                entries, bad = _read(rows)
+                self._quarantine_rows(db, bad, now)
                 db.executemany(
                     "UPDATE entries SET claimed_by = ?, claimed_at = ? WHERE id = ?",
-                    [(self.owner, now, row[0]) for row in rows],
+                    [(self.owner, now, entry.id) for entry in entries],
                 )
-            return [
-                Entry(row[0], [Command.from_wire(c) for c in json.loads(row[1])]) for row in rows
-            ]
+            return entries, bad
 
-        return self._run(take)
+        entries, bad = self._run(take)
+        self._report(bad)
+        return entries
+
+    @staticmethod
+    def _quarantine_rows(
+        db: sqlite3.Connection, bad: Sequence[tuple[int, str]], now: float
+    ) -> None:
+        for entry_id, reason in bad:
+            db.execute(
+                "INSERT INTO quarantine (entry, created, quarantined, reason, api_key, payload)"
+                " SELECT id, created, ?, ?, api_key, payload FROM entries WHERE id = ?",
+                (now, reason, entry_id),
+            )
+            db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+
+    def _report(self, bad: Sequence[tuple[int, str]]) -> None:
+        for entry_id, reason in bad:
+            logger.error(
+                "Kissmetrics: spool entry %d of %s is malformed (%s); moved it to the "
+                "quarantine table and replaying the others",
+                entry_id,
+                self.path,
+                reason,
+            )
 
     def delete(self, ids: Sequence[int]) -> None:
         """Remove entries (replayed, or given up)."""
@@ -273,42 +455,118 @@ class Spool:
         )
 
     def status(self) -> Status:
-        """Count, commands, bytes, the oldest command's time and the claimed entries."""
-        row = self._run(
-            lambda db: db.execute(
+        """What this key's entries hold; how many are another key's; how many are aside."""
+        mine, keys = self._mine()
+
+        def read(db: sqlite3.Connection) -> Status:
+            row = db.execute(
                 "SELECT count(*), total(count), total(size), min(oldest),"
-                " count(claimed_at) FROM entries"
+                f" count(claimed_at) FROM entries WHERE {mine}",
+                keys,
             ).fetchone()
-        )
-        return Status(int(row[0]), int(row[1]), int(row[2]), row[3], int(row[4]))
+            (others,) = db.execute(
+                f"SELECT count(*) FROM entries WHERE NOT {mine}", keys
+            ).fetchone()
+            (aside,) = db.execute("SELECT count(*) FROM quarantine").fetchone()
+            return Status(
+                int(row[0]), int(row[1]), int(row[2]), row[3], int(row[4]), int(others), aside
+            )
+
+        return self._run(read)
 
     def next_due(self) -> float | None:
-        """Unix time at which some entry can next be claimed; ``None``: the spool is empty."""
+        """Unix time at which one of this key's entries can next be claimed; ``None``: none."""
+        mine, keys = self._mine()
         row = self._run(
             lambda db: db.execute(
-                "SELECT min(max(not_before, coalesce(claimed_at + ?, 0))) FROM entries", (LEASE,)
+                "SELECT min(max(not_before, coalesce(claimed_at + ?, 0))) FROM entries"
+                f" WHERE {mine}",
+                (LEASE, *keys),
             ).fetchone()
         )
         return None if row[0] is None else float(row[0])
 
     def purge(self, older_than: float) -> list[Command]:
-        """Remove the entries whose every command is ``older_than`` seconds old or more."""
+        """Remove the entries whose every command is ``older_than`` seconds old or more.
+
+        ``0`` removes every entry, those timed in the future too. Malformed entries go
+        to the quarantine table rather than being dropped unseen.
+        """
         cutoff = time.time() - older_than
+        where, params = ("1", ()) if older_than <= 0 else ("newest <= ?", (cutoff,))
 
-        def remove(db: sqlite3.Connection) -> list[Command]:
+        def remove(db: sqlite3.Connection) -> tuple[list[Command], list[tuple[int, str]]]:
             with self._transaction(db):
-                rows = db.execute(
-                    "SELECT payload FROM entries WHERE newest <= ?", (cutoff,)
-                ).fetchall()
-                db.execute("DELETE FROM entries WHERE newest <= ?", (cutoff,))
-            return [Command.from_wire(c) for row in rows for c in json.loads(row[0])]
+                rows = db.execute(f"SELECT id, payload FROM entries WHERE {where}", params)
+                entries, bad = _read(rows.fetchall())
+                self._quarantine_rows(db, bad, time.time())
+                db.execute(f"DELETE FROM entries WHERE {where}", params)
+            return [c for entry in entries for c in entry.commands], bad
 
-        return self._run(remove)
+        dropped, bad = self._run(remove)
+        self._report(bad)
+        return dropped
+
+
+def _read(rows: Sequence[tuple[int, object]]) -> tuple[list[Entry], list[tuple[int, str]]]:
+    """Each row as an entry, one by one; the ones that cannot be read, with why."""
+    entries: list[Entry] = []
+    bad: list[tuple[int, str]] = []
+    for entry_id, payload in rows:
+        try:
+            entries.append(Entry(entry_id, parse(payload)))
+        except ValueError as exc:
+            bad.append((entry_id, str(exc)))
+    return entries, bad
+
+
+def parse(payload: object) -> list[Command]:
+    """The commands of a spooled payload, each checked; ``ValueError`` naming the fault.
+
+    A spool is a file on disk: whatever is in it is read as untrusted input, so that a
+    damaged or planted entry cannot reach the tracker as something it is not.
+    """
+    try:
+        data = json.loads(payload) if isinstance(payload, (str, bytes)) else None
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError("not a list of commands")
+    return [_command(item, n) for n, item in enumerate(data)]
+
+
+def _command(item: object, n: int) -> Command:
+    # The wire form: [kind, person, name, properties, timestamp, ...fields added later].
+    if not isinstance(item, list) or len(item) < 5:
+        raise ValueError(f"command {n} is not a command")
+    kind, person, name, properties, timestamp = item[:5]
+    if kind not in PATHS:
+        raise ValueError(f"command {n} has an unknown kind {str(kind)[:20]!r}")
+    if not _is_name(person):
+        raise ValueError(f"command {n} has no valid person")
+    if kind == "set" and name is not None:
+        raise ValueError(f"command {n} is a set with a name")
+    if kind != "set" and not _is_name(name):
+        raise ValueError(f"command {n} has no valid name")
+    if not isinstance(properties, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in properties.items()
+    ):
+        raise ValueError(f"command {n} has properties that are not text")
+    if type(timestamp) is not int or not 0 <= timestamp < 2**40:
+        raise ValueError(f"command {n} has no valid time")
+    try:
+        return Command.from_wire(item)
+    except (TypeError, ValueError):
+        raise ValueError(f"command {n} is not a command") from None
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 1024
 
 
 # The spool of this process, per settings.
 
-_spools: dict[tuple[str, int, float], Spool] = {}
+_spools: dict[tuple[str, int, float, str | None, frozenset[str] | None], Spool] = {}
 _spools_lock = threading.Lock()
 _reported: set[str] = set()
 _inherited: list[sqlite3.Connection] = []
@@ -326,18 +584,25 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 def default_dir() -> str:
-    """``SPOOL_DIR``'s default: a folder under the temp folder, named for the project.
+    """``SPOOL_DIR``'s default: a folder of this site's own under the temp folder.
 
-    The project is the name of ``settings.BASE_DIR`` when set, else the package of
-    ``ROOT_URLCONF``; the user id keeps two users of one machine apart.
+    Named ``django-kissmetrics-<project>-<uid>-<hash>``: the hash is of the absolute
+    ``settings.BASE_DIR`` (else of the settings module), so two sites whose folders have
+    the same name keep apart; the user id keeps two users of one machine apart.
     """
     from django.conf import settings
 
     base = getattr(settings, "BASE_DIR", None)
-    project = Path(base).name if base else str(getattr(settings, "ROOT_URLCONF", "site"))
-    project = project.split(".")[0] or "site"
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return os.path.join(tempfile.gettempdir(), f"django-kissmetrics-{project}-{uid}")
+    if base:
+        where = os.path.abspath(os.fspath(base))
+        project = Path(where).name
+    else:
+        where = str(getattr(settings, "SETTINGS_MODULE", None) or settings.ROOT_URLCONF)
+        project = where.split(".")[0]
+    project = re.sub(r"[^A-Za-z0-9_.-]", "_", project)[:40] or "site"
+    digest = hashlib.sha256(where.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    uid = _uid() or 0
+    return os.path.join(tempfile.gettempdir(), f"django-kissmetrics-{project}-{uid}-{digest}")
 
 
 def get_spool(conf: Settings | None = None) -> Spool | None:
@@ -345,12 +610,31 @@ def get_spool(conf: Settings | None = None) -> Spool | None:
     conf = conf or get_settings()
     if conf.ON_ENQUEUE_FAILURE == "log":
         return None
-    key = (conf.SPOOL_DIR or default_dir(), conf.SPOOL_MAX_BYTES, conf.SPOOL_MAX_AGE)
+    sites = conf.SITES
+    site_keys = (
+        None
+        if isinstance(sites, str)
+        else frozenset(k for k in (sites or {}).values() if k is not None)
+    )
+    key = (
+        conf.SPOOL_DIR or default_dir(),
+        conf.SPOOL_MAX_BYTES,
+        conf.SPOOL_MAX_AGE,
+        conf.API_KEY,
+        site_keys,
+    )
     spool = _spools.get(key)
     if spool is None:
         with _spools_lock:
             spool = _spools.setdefault(
-                key, Spool(key[0], max_bytes=conf.SPOOL_MAX_BYTES, max_age=conf.SPOOL_MAX_AGE)
+                key,
+                Spool(
+                    key[0],
+                    max_bytes=conf.SPOOL_MAX_BYTES,
+                    max_age=conf.SPOOL_MAX_AGE,
+                    api_key=conf.API_KEY,
+                    site_keys=site_keys,
+                ),
             )
     return spool
 

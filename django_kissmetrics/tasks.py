@@ -1,32 +1,23 @@
-"""Celery delivery: one task per batch of commands, retrying only what failed."""
+"""Celery delivery: one task per batch of commands, retrying only what failed.
+
+What to retry, when, and what to spool or give up is :mod:`~django_kissmetrics.undelivered`'s
+decision; this module carries it out with Celery.
+"""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from . import delivery, publisher, spool
+from . import delivery, undelivered
 from .commands import Command
 from .conf import ConfigurationError, get_settings
 from .exceptions import TrackingError
+from .undelivered import backoff
 
 __all__ = ["backoff", "deliver", "ping"]
-
-
-def backoff(retries: int, retry_after: float | None = None) -> float:
-    """Seconds before retry number ``retries + 1``: exponential, jittered, capped.
-
-    The cap (``RETRY_BACKOFF_MAX``) must stay well under the broker's visibility
-    timeout, or Redis hands a waiting message to a second worker.
-    """
-    conf = get_settings()
-    delay = conf.RETRY_BACKOFF * (2**retries) * random.uniform(0.5, 1.5)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return float(min(delay, conf.RETRY_BACKOFF_MAX))
 
 
 @shared_task(
@@ -51,54 +42,29 @@ def deliver(self: Task[Any, Any], commands: list[list[Any] | dict[str, Any]]) ->
     except ConfigurationError as exc:
         # This worker lost its key (or another setting) after it started: a worker with
         # a good configuration, or this one fixed, replays them from the spool.
-        _spool(batch, exc, "this worker cannot deliver", delay=get_settings().RETRY_BACKOFF_MAX)
+        delay = get_settings().RETRY_BACKOFF_MAX
+        undelivered.keep(batch, exc, "this worker cannot deliver", delay=delay)
         return 0
     except Exception as exc:
         # Not an answer from the tracker (a worker without an API key, a bug): Celery
         # would log only the exception and drop the message, commands and all.
-        delivery.give_up(batch, exc, "delivery raised")
+        undelivered.give_up(batch, exc, "delivery raised")
         return 0
-    if not failures:
-        return len(batch)
-    permanent = [(c, e) for c, e in failures if not e.retriable]
-    if permanent:
-        delivery.give_up([c for c, _ in permanent], permanent[-1][1], "refused by the server")
-    retriable = [(c, e) for c, e in failures if e.retriable]
-    if not retriable:
-        return len(batch) - len(failures)
-    error = retriable[-1][1]
-    retries = self.request.retries
-    conf = get_settings()
-    if retries >= conf.MAX_RETRIES:
-        # The tracker stayed unreachable: keep the commands for a later round rather
-        # than drop them; the spool gives them up past SPOOL_MAX_AGE.
-        _spool(
-            [c for c, _ in retriable],
-            error,
-            f"gave up after {retries + 1} attempts",
-            delay=conf.RETRY_BACKOFF_MAX,
-        )
-        return len(batch) - len(failures)
-    retry_after = max((e.retry_after or 0.0) for _, e in retriable) or None
+    delivered = len(batch) - len(failures)
+    retry = undelivered.after_attempt(failures, self.request.retries)
+    if retry is None:
+        return delivered
     try:
         raise self.retry(
-            args=([c.to_wire() for c, _ in retriable],),
-            countdown=backoff(retries, retry_after),
-            exc=error,
+            args=([c.to_wire() for c in retry.commands],),
+            countdown=retry.countdown,
+            exc=retry.error,
         )
     except Reject as rejected:
         # Celery could not queue the retry (the broker is unreachable) and rejects the
         # message without requeueing it: the commands would be gone without a trace.
-        cause = rejected.__context__ or rejected  # The broker's error.
-        _spool([c for c, _ in retriable], cause, "could not queue a retry", delay=0.0)
-        return len(batch) - len(failures)
-
-
-def _spool(commands: list[Command], error: BaseException, reason: str, *, delay: float) -> None:
-    # This process's publisher replays the spool through the broker once it answers
-    # (any other process of the site may do it first).
-    if spool.keep(commands, error, reason, delay=delay):
-        publisher.get_publisher().replay_after(delay)
+        undelivered.retry_not_queued(retry.commands, rejected.__context__ or rejected)
+        return delivered
 
 
 @shared_task(bind=True, name="django_kissmetrics.ping", ignore_result=True)
@@ -123,16 +89,17 @@ def ping(self: Task[Any, Any], command: list[Any] | dict[str, Any], reply_to: st
             )
 
     reply(hop="worker")
+    ping_command = Command.from_wire(command)
     try:
         conf = get_settings()
-        api = delivery.client()
+        api = delivery.client(ping_command.api_key)
     except ConfigurationError as exc:
         # The worker's own settings, not the tracking server, are what failed.
         reply(hop="worker configuration", error=str(exc))
         return
     answer: dict[str, Any] = {"hop": "tracking server", "url": conf.TRACKING_URL}
     try:
-        answer["status"] = api.send(Command.from_wire(command))
+        answer["status"] = api.send(ping_command)
     except TrackingError as exc:
         answer.update(status=exc.status, error=str(exc))
     except Exception as exc:  # A worker without an API key, a bad setting: say so.

@@ -29,10 +29,11 @@ def check_can_deliver(conf: Settings | None = None) -> None:
     """Raise :class:`ConfigurationError` when this process would deliver without a key.
 
     Only the ``celery`` backend hands commands to workers; with any other backend a
-    worker never sees a delivery task and needs no key.
+    worker never sees a delivery task and needs no key. With ``SITES`` each command
+    carries its site's key, so a worker needs none of its own.
     """
     conf = conf or get_settings()
-    if conf.BACKEND == "celery" and not conf.API_KEY:
+    if conf.BACKEND == "celery" and not conf.API_KEY and not conf.SITES:
         raise ConfigurationError(NO_API_KEY)
 
 

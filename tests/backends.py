@@ -1,4 +1,4 @@
-"""Test helpers: a backend that counts deliveries, identity functions (by e-mail, broken)."""
+"""Test helpers: a backend that counts deliveries; identity functions (e-mail, username, broken)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ class CountingBackend(BaseBackend):
 
 def email_identity(user: Any) -> str:
     return str(user.email)
+
+
+def username_identity(user: Any) -> str:
+    return str(user.username)
 
 
 def empty_identity(user: Any) -> str:

@@ -3,10 +3,12 @@
 The page's requests for the Kissmetrics library (``//i.kissmetrics.io/i.js`` and
 ``//scripts.kissmetrics.io/<key>.2.js``) are answered by :data:`STAND_IN_LIBRARY`, which
 behaves like the real library where this package depends on it: it takes over ``_kmq``,
-runs its commands, adopts ``km_ai`` (``decodeURIComponent``) and writes it back
-(``encodeURIComponent``, path ``/``, five years, ``domain=KM_COOKIE_DOMAIN`` when set),
-remembers ``identify`` in ``km_ai``'s sibling ``km_ni``, and starts a new anonymous id
-on ``clearIdentity``. It also records what it was given in ``window.__km``.
+runs its commands, reads ``km_ni`` then ``km_ai`` (``decodeURIComponent``) and writes
+them back (``encodeURIComponent``, path ``/``, five years, ``domain=KM_COOKIE_DOMAIN``
+when set). As the real one does, ``identify(x)`` without ``km_ni`` aliases ``x`` to
+``km_ai`` and sets ``km_ni``; with ``km_ni`` set it writes ``x`` into ``km_ai`` as well;
+``clearIdentity`` deletes ``km_ai`` (and starts a new id) only when ``km_ni`` was set,
+then deletes ``km_ni``. It also records what it was given in ``window.__km``.
 
 Chromium is Debian's ``/usr/bin/chromium`` (never a downloaded one). Without it, or
 without Playwright, the browser tests skip, except under ``CI=true``, where they fail.
@@ -50,7 +52,8 @@ STAND_IN_LIBRARY = r"""
 (function () {
   "use strict";
   var src = document.currentScript ? document.currentScript.src : "";
-  var km = (window.__km = window.__km || {loads: [], commands: [], writes: [], ready: false});
+  var km = (window.__km = window.__km ||
+    {loads: [], commands: [], writes: [], aliases: [], ready: false});
   km.loads.push(src);
   if (src.indexOf("//scripts.kissmetrics.io/") < 0) {
     return;  // i.js: the identity part; this stand-in does everything in the main script.
@@ -102,14 +105,23 @@ STAND_IN_LIBRARY = r"""
       return;
     }
     km.commands.push(JSON.stringify(c));
-    if (c[0] === "identify" && c[1] !== ai && c[1] !== ni) {
+    if (c[0] === "identify") {
+      if (ni === null) {
+        if (c[1] !== ai) km.aliases.push([ai, c[1]]);
+      } else {
+        ai = c[1];
+        write("km_ai", ai);
+      }
       ni = c[1];
       write("km_ni", ni);
     } else if (c[0] === "clearIdentity") {
+      if (ni !== null) {
+        erase("km_ai");
+        ai = newId();
+        write("km_ai", ai);
+      }
       ni = null;
       erase("km_ni");
-      ai = newId();
-      write("km_ai", ai);
     }
   }
   window.KM = {i: function () { return ni || ai; }};
@@ -135,6 +147,7 @@ class Library:
     adopted: str | None
     identity: str
     writes: list[str]
+    aliases: list[list[str]]
 
 
 @dataclass
@@ -182,6 +195,7 @@ class BrowserPage:
             adopted=raw["adopted"],
             identity=raw["identity"],
             writes=raw["writes"],
+            aliases=raw["aliases"],
         )
 
     def cookie(self, name: str) -> str | None:

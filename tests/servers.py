@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,11 @@ class SiteProcess(ProcessGroup):
         *,
         workers: int = 2,
         port: int | None = None,
+        options: Sequence[str] = (),
     ) -> None:
         self.server = server
+        #: More command-line options for the server (``-k gthread --threads 4``).
+        self.options = list(options)
         self.kissmetrics = kissmetrics
         self.broker_url = broker_url
         self.workers = workers
@@ -85,7 +89,7 @@ class SiteProcess(ProcessGroup):
 
     def start(self, timeout: float = 30.0) -> SiteProcess:
         """Start the server and wait until it answers."""
-        command = _command(self.server, self.port, self.workers)
+        command = [*_command(self.server, self.port, self.workers), *self.options]
         if command[0] != sys.executable:
             binary = shutil.which(command[0], path=os.path.dirname(sys.executable))
             if binary is None:

@@ -9,7 +9,8 @@ import tempfile
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
-ALLOWED_HOSTS = ["*"]
+# The hosts the tests browse, by name: the km_ai cookie's Domain follows only these.
+ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1", "[::1]", ".test"]
 USE_TZ = True
 ROOT_URLCONF = "tests.urls"
 STATIC_URL = "/static/"

@@ -126,9 +126,10 @@ def test_each_command_is_emitted_once_even_if_the_tag_renders_twice(
     first, second = body.strip().split("\n[")
     assert first.count('_kmq.push(["record","Saw Tag",{"n":1}]);') == 1
     assert "Saw Tag" not in second
-    # A value JSON cannot hold drops its command, logged; the loader and the rest stay.
-    assert "Not JSON" not in body
-    assert "dropped a browser command that is not JSON" in caplog.text
+    # A value JSON cannot hold is queued as its text: no command is lost, none fails.
+    assert first.count('_kmq.push(["record","Not JSON",{"value":"\\u003Cobject object at') == 1
+    assert "Not JSON" not in second
+    assert "not JSON" not in caplog.text
 
 
 # In Chromium.
@@ -311,3 +312,109 @@ def test_without_the_nonce_the_policy_blocks_the_script(km_page: BrowserPage) ->
     assert km_page.page.evaluate("() => typeof window._kmq") == "undefined"
     assert km_page.library_requests == []
     assert [m for m in km_page.console if "Content Security Policy" in m]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_km_ai_and_one_person_through_login_later_pages_and_logout(
+    km_page: BrowserPage, over_http: StandInTracker
+) -> None:
+    """With the library writing the named identity into km_ai, as the real one does."""
+    host = "www.shop.test"
+    user = User.objects.create_user("ann", password="a-long-password-1")
+    me = str(user.pk)
+    documents: list[Any] = []
+    km_page.page.on(
+        "response", lambda r: documents.append(r) if r.request.resource_type == "document" else None
+    )
+
+    def km_ai_set_since(start: int) -> list[str]:
+        return [
+            value
+            for response in documents[start:]
+            for value in response.header_values("set-cookie")
+            if value.startswith("km_ai=")
+        ]
+
+    km_page.goto("/browser/page/", host)
+    km_page.library()
+    anonymous = km_page.cookie("km_ai")
+    assert anonymous
+
+    km_page.goto("/login/", host)
+    km_page.page.fill("#id_username", "ann")
+    km_page.page.fill("#id_password", "a-long-password-1")
+    with km_page.page.expect_navigation():
+        km_page.page.click("button[type=submit]")
+    library = km_page.library()
+    assert library.aliases == [[anonymous, me]]  # The same pair the server sent.
+    assert km_page.cookie("km_ni") == me
+
+    # Later pages: from the second identified page on, km_ai holds the named identity.
+    later = len(documents)
+    for n in range(4):
+        km_page.goto(f"/record/?event=Page+{n}", host)
+        km_page.goto("/browser/page/", host)
+        library = km_page.library()
+        assert library.identity == me
+        assert library.aliases == []
+        assert len(km_page.cookies("km_ai")) == 1
+    assert km_page.cookie("km_ai") == me
+    assert km_ai_set_since(later) == []  # No tug of war with the library.
+    pages = hits_named(over_http, "Page 3", 6)
+    assert {h.person for h in over_http.hits if h.path == "/e"} == {me}
+    assert [(h.person, h.name) for h in over_http.hits if h.path == "/a"] == [(anonymous, me)]
+    assert pages[0].person == me
+
+    log_out(km_page)
+    library = km_page.library()
+    fresh = km_page.cookie("km_ai")
+    assert fresh not in (None, me, anonymous)
+    assert library.identity == fresh  # clearIdentity found no km_ni: the server's id stays.
+    assert km_page.cookie("km_ni") is None
+    assert len(km_page.cookies("km_ai")) == 1
+
+    after = len(documents)
+    km_page.goto("/record/?event=Next+Visitor", host)
+    km_page.goto("/browser/page/", host)
+    assert km_page.library().identity == fresh
+    (hit,) = hits_named(over_http, "Next Visitor", 7)
+    assert hit.person == fresh
+    assert km_ai_set_since(after) == []
+    assert len(km_page.cookies("km_ai")) == 1
+    assert [h.path for h in over_http.hits].count("/a") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_next_visitor_after_a_session_ends_without_logout_is_someone_new(
+    km_page: BrowserPage, over_http: StandInTracker
+) -> None:
+    """The session expires while km_ai and km_ni hold the user's identity."""
+    host = "www.shop.test"
+    user = User.objects.create_user("ann", password="a-long-password-1")
+    me = str(user.pk)
+    km_page.goto("/login/", host)
+    km_page.page.fill("#id_username", "ann")
+    km_page.page.fill("#id_password", "a-long-password-1")
+    with km_page.page.expect_navigation():
+        km_page.page.click("button[type=submit]")
+    km_page.library()
+    km_page.goto("/browser/page/", host)
+    km_page.library()
+    assert km_page.cookie("km_ai") == km_page.cookie("km_ni") == me
+
+    kept = [c for c in km_page.context.cookies() if c["name"] != "sessionid"]
+    km_page.context.clear_cookies()
+    km_page.context.add_cookies(kept)  # type: ignore[arg-type]
+    km_page.goto("/record/?event=Someone+Else", host)
+    km_page.goto("/browser/page/", host)
+    library = km_page.library()
+    fresh = km_page.cookie("km_ai")
+    assert fresh not in (None, me)
+    assert km_page.cookie("km_ni") is None
+    assert library.identity == fresh  # The library no longer tracks this browser as ann.
+    (hit,) = hits_named(over_http, "Someone Else", 3)
+    assert hit.person == fresh
+    assert len(km_page.cookies("km_ai")) == 1
+    assert [(h.person, h.name) for h in over_http.hits if h.path == "/a"] == [
+        (over_http.hits[0].person, me)
+    ]

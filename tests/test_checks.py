@@ -160,3 +160,99 @@ def test_a_site_without_contrib_auth_starts_and_tracks() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[]", "200 True", "[('record', 'Viewed Home')]"]
+
+
+needs_django_csp = pytest.mark.skipif(
+    __import__("django").VERSION < (6, 0), reason="Django's own CSP is Django 6.0+"
+)
+
+
+def csp_ids(**policy: list[str]) -> list[str]:
+    return ids(
+        MIDDLEWARE=["django.middleware.csp.ContentSecurityPolicyMiddleware", *settings.MIDDLEWARE],
+        SECURE_CSP=policy,
+    )
+
+
+@needs_django_csp
+def test_djangos_csp_with_the_readme_policy_passes() -> None:
+    from django.utils.csp import CSP
+
+    hosts = ["https://i.kissmetrics.io", "scripts.kissmetrics.io"]
+    assert (
+        csp_ids(
+            **{
+                "default-src": [CSP.SELF],
+                "script-src": [CSP.SELF, CSP.NONCE, *hosts],
+                "img-src": [CSP.SELF, "https://trk.kissmetrics.io"],
+            }
+        )
+        == []
+    )
+    # 'strict-dynamic' lets the nonce'd loader bring in the library from any host.
+    assert (
+        csp_ids(**{"script-src": [CSP.NONCE, CSP.STRICT_DYNAMIC], "img-src": ["*.kissmetrics.io"]})
+        == []
+    )
+
+
+@needs_django_csp
+def test_djangos_csp_without_a_nonce_or_the_hosts_warns() -> None:
+    from django.utils.csp import CSP
+
+    assert csp_ids(**{"default-src": [CSP.SELF]}) == [
+        "django_kissmetrics.W006",
+        "django_kissmetrics.W007",
+    ]
+    with override_settings(
+        MIDDLEWARE=["django.middleware.csp.ContentSecurityPolicyMiddleware", *settings.MIDDLEWARE],
+        SECURE_CSP={"default-src": [CSP.SELF], "script-src": [CSP.SELF, CSP.NONCE]},
+    ):
+        (message,) = check_settings()
+    assert message.id == "django_kissmetrics.W007"
+    assert message.msg.endswith(
+        "script-src i.kissmetrics.io, script-src scripts.kissmetrics.io, "
+        "img-src trk.kissmetrics.io."
+    )
+    # Images left unrestricted (no img-src, no default-src) need nothing.
+    assert csp_ids(**{"script-src": [CSP.NONCE, "*.kissmetrics.io"]}) == []
+    # The middleware alone, with no policy, sends no header: nothing to warn about.
+    assert csp_ids() == []
+
+
+def tasks_ids(tasks: dict[str, Any] | None, **keys: Any) -> list[str]:
+    kissmetrics = {**settings.KISSMETRICS, "BACKEND": "tasks", **keys}
+    overrides: dict[str, Any] = {"KISSMETRICS": kissmetrics}
+    if tasks is not None:
+        overrides["TASKS"] = tasks
+    return ids(**overrides)
+
+
+def framework_backend(name: str) -> dict[str, Any]:
+    import django
+
+    package = "django.tasks" if django.VERSION >= (6, 0) else "django_tasks"
+    return {"default": {"BACKEND": f"{package}.backends.{name.lower()}.{name}Backend"}}
+
+
+def test_tasks_backend_on_a_queue_passes() -> None:
+    queue = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+    with override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, "django_tasks_db"]):
+        assert tasks_ids(queue) == []
+
+
+def test_tasks_backend_immediate_or_unset_warns_in_production() -> None:
+    assert tasks_ids(None) == ["django_kissmetrics.W008"]  # TASKS unset: immediate.
+    assert tasks_ids(framework_backend("Immediate")) == ["django_kissmetrics.W008"]
+    with override_settings(DEBUG=True):
+        assert tasks_ids(framework_backend("Immediate")) == []
+
+
+def test_tasks_backend_dummy_or_a_missing_alias() -> None:
+    assert tasks_ids(framework_backend("Dummy")) == ["django_kissmetrics.W009"]
+    assert tasks_ids(None, TASKS_BACKEND="nope") == ["django_kissmetrics.E007"]
+
+
+def test_tasks_backend_without_the_framework(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "django_kissmetrics.tasks_backend", None)
+    assert tasks_ids(None) == ["django_kissmetrics.E006"]

@@ -105,6 +105,60 @@ def test_not_agreed_login_and_signup_send_nothing(
     assert km_outbox == []  # No alias, no "Logged In", no "Signed Up".
 
 
+NAMED_OTHERS = [("record", "customer-7", "Refunded")]
+
+
+@pytest.mark.parametrize("path", ["/consent/named/", "/consent/async-named/"])
+def test_not_agreed_calls_naming_the_visitor_are_dropped(
+    client: Client, km_outbox: list[Command], gate: Any, path: str
+) -> None:
+    user = User.objects.create_user("ann", password="a-long-password-1")
+    client.force_login(user)
+    # The logged-in user's own identity, by hand: dropped like an implicit call.
+    client.get(path, {"who": str(user.pk)})
+    assert explicit_only(km_outbox) == NAMED_OTHERS
+    # Their km_ai (the browser still holds one: the response deletes it).
+    km_outbox.clear()
+    anonymous = new_anonymous_id()
+    client.cookies["km_ai"] = encode_cookie(anonymous)
+    response = client.get(path, {"who": anonymous})
+    assert response.cookies["km_ai"]["max-age"] == 0
+    assert explicit_only(km_outbox) == NAMED_OTHERS
+    # Someone else: the site's own dealings with a customer still go.
+    km_outbox.clear()
+    client.get(path, {"who": "bob@example.com"})
+    assert explicit_only(km_outbox) == [
+        ("record", "bob@example.com", "Viewed Page"),
+        ("set", "bob@example.com", None),
+        ("alias", "bob@example.com", "someone@example.com"),
+        ("alias", "customer-7", "bob@example.com"),
+        *NAMED_OTHERS,
+    ]
+    # Once agreed, the visitor's own identity goes like any other.
+    km_outbox.clear()
+    agree(client)
+    client.get(path, {"who": str(user.pk)})
+    assert ("record", str(user.pk), "Viewed Page") in explicit_only(km_outbox)
+
+
+def test_not_agreed_explicit_calls_cost_no_query_for_an_anonymous_visitor(
+    client: Client, km_outbox: list[Command], gate: Any, django_assert_num_queries: Any
+) -> None:
+    with django_assert_num_queries(0):
+        client.get("/consent/named/", {"who": "bob@example.com"})
+    assert len(km_outbox) == 5
+
+
+def test_dnt_drops_explicit_calls_naming_the_visitor_too(
+    client: Client, km_outbox: list[Command], gate: Any
+) -> None:
+    user = User.objects.create_user("ann", password="a-long-password-1")
+    client.force_login(user)
+    agree(client)
+    client.get("/consent/named/", {"who": str(user.pk)}, headers={"DNT": "1"})
+    assert km_outbox == []
+
+
 def test_not_agreed_identify_and_browser_commands_are_not_kept(
     client: Client, km_outbox: list[Command], gate: Any
 ) -> None:
@@ -313,6 +367,7 @@ def test_the_middleware_decides_once_per_request(rf: RequestFactory, gate: Any) 
 
 def test_a_gated_page_varies_on_the_cookie(client: Client, km_settings: Any) -> None:
     """A shared cache must not give one visitor's loader (live or inert) to another."""
+    client.get("/nothing/")  # The first visit sets km_ai, and varies for that.
     assert "Vary" not in client.get("/nothing/")  # No gate: nothing on the package's account.
     km_settings(CONSENT=BANNER)
     assert "Cookie" in client.get("/nothing/")["Vary"]

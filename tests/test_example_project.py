@@ -12,6 +12,7 @@ Set ``DEMO_SCREENSHOTS=docs`` to also write the screenshots of the README.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -390,7 +391,10 @@ def test_a_visitor_who_never_signs_up_stays_a_person_of_their_own(
     assert len(others) == 1
     assert others[0]["identities"] == [journey.other_visitor_id]
     assert others[0]["named"] == []
-    assert recorded(others[0]) == {("Viewed Pricing", journey.other_visitor_id, "server")}
+    assert recorded(others[0]) == {
+        ("Visited Site", journey.other_visitor_id, "server"),  # AUTO_EVENTS.
+        ("Viewed Pricing", journey.other_visitor_id, "server"),
+    }
 
 
 def test_renew_subscriptions_records_server_side(demo: Demo, journey: Journey) -> None:
@@ -451,9 +455,16 @@ def test_nothing_is_tracked_before_the_banner_is_accepted(demo: Demo) -> None:
 
             accept_analytics(page)
             anonymous = km_ai(page)
-            people = demo.wait_for(lambda people: len(people) > before)
+            people = demo.wait_for(
+                lambda people: (
+                    sum(len(p["events"]) for p in people if anonymous in p["identities"]) >= 2
+                )
+            )
             (person,) = [p for p in people if anonymous in p["identities"]]
-            assert recorded(person) == {("Viewed Pricing", anonymous, "server")}
+            assert recorded(person) == {
+                ("Visited Site", anonymous, "server"),
+                ("Viewed Pricing", anonymous, "server"),
+            }
 
             withdraw = page.get_by_role("button", name="Withdraw consent")
             colours = withdraw.evaluate(
@@ -469,3 +480,76 @@ def test_nothing_is_tracked_before_the_banner_is_accepted(demo: Demo) -> None:
             assert len(demo.people()) == before + 1
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def fresh_page() -> Iterator[Any]:
+    """A Chromium page in a context of its own, never reaching Kissmetrics."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.route(KISSMETRICS_HOSTS, lambda route: route.abort())
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def test_a_campaign_visit_and_the_tracked_button_and_form(demo: Demo) -> None:
+    """/?utm_source=demo: an Ad Campaign Hit on the tracker; the triggers send from the browser."""
+    with fresh_page() as page:
+        page.goto(f"{demo.url}/?utm_source=demo&utm_campaign=launch")
+        accept_analytics(page)  # Back to the same URL, now tracked.
+        assert page.url == f"{demo.url}/?utm_source=demo&utm_campaign=launch"
+        visitor = km_ai(page)
+        page.wait_for_load_state("load")
+        with page.expect_navigation():
+            page.get_by_role("link", name="See pricing").click()
+        page.goto(f"{demo.url}/")
+        page.fill("input[name=team]", "Rocket")
+        with page.expect_navigation():
+            page.get_by_role("button", name="Send me updates").click()
+
+        def arrived(people: list[Person]) -> bool:
+            person = next((p for p in people if visitor in p["identities"]), None)
+            names = [e["name"] for e in person["events"]] if person else []
+            wanted = {"Ad Campaign Hit", "Clicked See Pricing", "Asked For Updates"}
+            return wanted <= set(names)
+
+        (person,) = [p for p in demo.wait_for(arrived) if visitor in p["identities"]]
+        events = {e["name"]: e for e in person["events"]}
+        campaign = events["Ad Campaign Hit"]
+        assert campaign["source"] == "server"
+        assert campaign["properties"] == {
+            "Campaign Source": "demo",
+            "Campaign Name": "launch",
+            "URL": f"{demo.url}/?utm_source=demo&utm_campaign=launch",
+        }
+        assert [e["name"] for e in person["events"]].count("Visited Site") == 1
+        clicked = events["Clicked See Pricing"]
+        assert (clicked["source"], clicked["properties"]) == ("browser", {"place": "hero"})
+        submitted = events["Asked For Updates"]
+        # The form's fields stay on the page (KM_SKIP_FORM_FIELDS).
+        assert (submitted["source"], submitted["properties"]) == ("browser", {})
+
+        page.goto(f"{demo.url}/tracker/")
+        assert page.get_by_text("Ad Campaign Hit").count() >= 1
+
+
+def test_the_second_host_is_a_site_of_its_own(demo: Demo) -> None:
+    """``localhost`` has its own key (``SITES``): its visitors show under it on /tracker/."""
+    second = demo.url.replace("127.0.0.1", "localhost")
+    assert second != demo.url
+    with fresh_page() as page:
+        page.goto(f"{second}/pricing/")
+        accept_analytics(page)
+        assert page.evaluate("() => window._kmk") == "demo-second-key"
+        anonymous = km_ai(page)
+        people = demo.wait_for(lambda people: any(anonymous in p["identities"] for p in people))
+    (person,) = [p for p in people if anonymous in p["identities"]]
+    assert person["site"] == "demo-second-key"
+    assert recorded(person) >= {("Viewed Pricing", anonymous, "server")}
+    # The first site's people keep the first key.
+    assert {p["site"] for p in people if anonymous not in p["identities"]} <= {"demo-key"}

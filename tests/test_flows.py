@@ -174,12 +174,142 @@ def test_a_backfill_after_a_live_signup_sends_the_identical_record(
 
 
 @pytest.mark.usefixtures("plain_signup")
-def test_staff_creating_a_user_is_not_a_signup(client: Client, km_outbox: list[Command]) -> None:
+def test_staff_creating_a_user_is_not_a_signup(client: Client, live: StandInTracker) -> None:
     staff = User.objects.create_user("boss", password="pw")
     client.force_login(staff)
-    km_outbox.clear()
-    client.post("/signup/", {"username": "employee", "password": "pw"})
-    assert "Signed Up" not in [c.name for c in km_outbox]
+    live.hits.clear()
+    client.post("/invite/", {"usernames": "employee"})
+    assert summary(live.hits) == [("/e", str(staff.pk), "Sent Invitations")]
+
+
+@pytest.mark.usefixtures("plain_signup")
+def test_an_anonymous_visitor_inviting_two_people_stays_anonymous(
+    client: Client, live: StandInTracker
+) -> None:
+    anon = anonymous_id(client)
+    response = client.post("/invite/", {"usernames": "guest-1,guest-2"})
+    assert response.status_code == 200
+    assert User.objects.filter(username__startswith="guest-").count() == 2
+    client.get("/record/?event=Later")
+    # No alias, no identify, no "Signed Up": the accounts are other people's.
+    assert summary(live.hits) == [("/e", anon, "Sent Invitations"), ("/e", anon, "Later")]
+    page = client.get("/")
+    assert b'"identify"' not in page.content
+
+
+@pytest.mark.usefixtures("plain_signup")
+def test_a_user_created_in_one_request_and_logged_in_later_is_a_login(
+    client: Client, live: StandInTracker
+) -> None:
+    # The signup counts only when the visitor becomes the new user in the request that
+    # made it; a later login (after an e-mail confirmation, say) is a login.
+    anon = anonymous_id(client)
+    client.post("/invite/", {"usernames": "later"})
+    user = User.objects.get(username="later")
+    user.set_password("secret-pw")
+    user.save()
+    client.post("/login/", {"username": "later", "password": "secret-pw"})
+    me = str(user.pk)
+    assert summary(live.hits) == [
+        ("/e", anon, "Sent Invitations"),
+        ("/a", anon, me),
+        ("/e", me, "Logged In"),
+    ]
+
+
+def log_in(client: Client, username: str = "ann") -> None:
+    response = client.post("/login/", {"username": username, "password": "secret-pw"})
+    assert response.status_code == 302
+
+
+def cookie_id(response: Any) -> str:
+    return unquote(response.cookies["km_ai"].value)
+
+
+@pytest.mark.parametrize(
+    "kind", ["victim-pk", "encoded-pk", "short", "digits", "victim-username-in-km-ni"]
+)
+def test_a_forged_km_ai_never_joins_anyone_at_login(
+    client: Client, live: StandInTracker, km_settings: Callable[..., None], kind: str
+) -> None:
+    victim = User.objects.create_user("victimwithaverylongname", password="secret-pw")
+    me = User.objects.create_user("ann", password="secret-pw")
+    if kind == "victim-username-in-km-ni":
+        # A username identity of 20+ characters passes for an anonymous id, except where
+        # the library wrote it into km_ai after identify (km_ni holds it too): a
+        # browser the victim used, then left without logging out.
+        km_settings(
+            BACKEND="sync", TRACKING_URL=live.url, IDENTITY="tests.backends.username_identity"
+        )
+        forged = victim.username
+        client.cookies["km_ni"] = forged
+    else:
+        forged = {
+            "victim-pk": str(victim.pk),
+            "encoded-pk": "%" + str(victim.pk).encode().hex(),
+            "short": "abc",
+            "digits": "12345678901234567890123",
+        }[kind]
+        if kind == "encoded-pk":
+            assert unquote(forged) == str(victim.pk)
+    client.cookies["km_ai"] = forged
+    response = client.get("/record/?event=Browsed")
+    fresh = cookie_id(response)
+    assert fresh not in (forged, unquote(forged))
+    log_in(client)
+    named = "ann" if kind == "victim-username-in-km-ni" else str(me.pk)
+    assert summary(live.hits) == [
+        ("/e", fresh, "Browsed"),
+        ("/a", fresh, named),
+        ("/e", named, "Logged In"),
+    ]
+
+
+def test_a_logged_in_users_own_identity_in_km_ai_is_theirs(
+    client: Client, live: StandInTracker
+) -> None:
+    user = User.objects.create_user("ann", password="secret-pw")
+    me = str(user.pk)
+    anon = anonymous_id(client)
+    log_in(client)
+    # From the second identified page on, the library writes the named identity into
+    # km_ai (and km_ni): the server neither replaces it nor aliases it.
+    client.cookies["km_ni"] = me
+    client.cookies["km_ai"] = me
+    for _ in range(3):
+        response = client.get("/record/?event=Browsed")
+        assert "km_ai" not in response.cookies
+        assert "Cache-Control" not in response
+    assert summary(live.hits) == [
+        ("/a", anon, me),
+        ("/e", me, "Logged In"),
+        *[("/e", me, "Browsed")] * 3,
+    ]
+    # Logging in again (as the same person) aliases nothing.
+    live.hits.clear()
+    log_in(client)
+    assert summary(live.hits) == [("/e", me, "Logged In")]
+    # Logout still issues a fresh km_ai and deletes km_ni: the next visitor is new.
+    live.hits.clear()
+    response = client.post("/logout/")
+    fresh = cookie_id(response)
+    assert fresh not in (me, anon)
+    assert response.cookies["km_ni"].value == ""
+    client.get("/record/?event=Next+Visitor")
+    assert summary(live.hits) == [("/e", fresh, "Next Visitor")]
+
+
+def test_another_users_identity_in_km_ai_is_replaced(client: Client, live: StandInTracker) -> None:
+    victim = User.objects.create_user("victim", password="secret-pw")
+    user = User.objects.create_user("ann", password="secret-pw")
+    client.force_login(user)
+    client.cookies["km_ni"] = client.cookies["km_ai"] = str(victim.pk)
+    response = client.get("/record/?event=Browsed")
+    fresh = cookie_id(response)
+    assert fresh != str(victim.pk)
+    assert response.cookies["km_ni"]["max-age"] == 0  # The library must not go on as him.
+    assert summary(live.hits) == [("/e", str(user.pk), "Browsed")]
+    assert all(str(victim.pk) not in (h.person, h.name) for h in live.hits)
 
 
 def test_logout_renews_the_anonymous_id(client: Client, live: StandInTracker) -> None:
@@ -320,6 +450,25 @@ class TestAsync:
         km_outbox.clear()
         self.fetch(async_client, "/async-record/")
         assert km_outbox[-1].person == str(user.pk)
+
+    @pytest.mark.parametrize("path", ["/async-record/", "/nothing/"])
+    def test_the_library_named_km_ai_under_the_async_client(
+        self, async_client: Any, km_outbox: Any, caplog: pytest.LogCaptureFixture, path: str
+    ) -> None:
+        # Whether km_ai is the user's own identity needs the user: off the event loop.
+        user = User.objects.create_user("asy", password="pw")
+        async_client.force_login(user)
+        async_client.cookies["km_ai"] = async_client.cookies["km_ni"] = str(user.pk)
+        km_outbox.clear()
+        response = self.fetch(async_client, path)
+        assert "km_ai" not in response.cookies
+        assert [c.person for c in km_outbox] == [str(user.pk)] * (path == "/async-record/")
+        assert "Kissmetrics" not in caplog.text
+        # Someone else's identity in km_ai is replaced, under ASGI too.
+        async_client.cookies["km_ai"] = async_client.cookies["km_ni"] = "1234"
+        response = self.fetch(async_client, path)
+        assert response.cookies["km_ai"].value not in ("", "1234")
+        assert "Kissmetrics" not in caplog.text
 
     def test_asgi_application(self, km_outbox: Any) -> None:
         import asyncio

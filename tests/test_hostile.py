@@ -21,9 +21,11 @@ import re
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlencode
+from urllib.parse import quote_plus, unquote, urlencode
 
 import pytest
+from django.contrib.auth import login
+from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, parse_cookie
 from django.test import Client
 from django.urls import path
@@ -80,11 +82,18 @@ def page_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse("ok")
 
 
+def login_view(request: HttpRequest) -> HttpResponse:
+    user = User.objects.get(username=_body(request)["username"])
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    return HttpResponse("ok")
+
+
 urlpatterns = [
     path("record/", record_view),
     path("identify/", identify_view),
     path("explicit/", explicit_view),
     path("page/", page_view),
+    path("login/", login_view),
 ]
 
 # The documented normalisation, restated independently of the package.
@@ -106,14 +115,47 @@ def expected_value(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text).encode()[:8192].decode("utf-8", "ignore")
 
 
-def expected_properties(properties: dict[str, str | None]) -> dict[str, str]:
+def expected_properties(
+    properties: dict[str, str | None], person: str = "", event: str | None = None
+) -> dict[str, str]:
     out: dict[str, str] = {}
     for raw, value in properties.items():
         name = expected_property_name(raw)
         if name in TRANSPORT or value is None or not name:
             continue  # Transport fields (also once normalised), no value, no name: dropped.
         out[name] = expected_value(value)
-    return out
+    return within_url(out, expected_name(person) if person else "", event)
+
+
+def within_url(props: dict[str, str], person: str, event: str | None) -> dict[str, str]:
+    """The URL limit: 8192 bytes less 320 for the tracking URL, the key and the time.
+
+    Names take at most half of what is left (the first ones are kept); the values
+    longer than a common length are cut to it, the largest length that fits.
+    """
+    event = expected_name(event) if event else ""
+    budget = 8192 - 320 - len(quote_plus(person)) - len(quote_plus(event))
+    names = {k: len(quote_plus(k)) + 2 for k in props}
+    if sum(names.values()) + sum(len(quote_plus(v)) for v in props.values()) <= budget:
+        return props
+    kept: dict[str, str] = {}
+    for k, v in props.items():
+        if sum(names[n] for n in kept) + names[k] > budget // 2:
+            break
+        kept[k] = v
+    room = budget - sum(names[n] for n in kept)
+    sizes = {k: len(quote_plus(v)) for k, v in kept.items()}
+    if sum(sizes.values()) <= room:
+        return kept
+    cap = max(c for c in range(room + 1) if sum(min(n, c) for n in sizes.values()) <= room)
+
+    def cut(text: str) -> str:
+        text = text[:cap]  # Each character takes one byte or more.
+        while len(quote_plus(text)) > cap:
+            text = text[:-1]
+        return text
+
+    return {k: cut(v) if sizes[k] > cap else v for k, v in kept.items()}
 
 
 # Strategies: what a visitor can send.
@@ -199,7 +241,7 @@ def test_event_names_and_properties_in_a_view(
     assert command.kind == "record"
     assert command.person == anonymous_id(response)
     assert command.name == expected_name(event)
-    assert command.properties == expected_properties(props)
+    assert command.properties == expected_properties(props, command.person, event)
     assert before <= command.timestamp <= after
 
 
@@ -219,7 +261,7 @@ def test_identities_in_a_view(
     alias: list[tuple[str, str, str | None, dict[str, str]]] = []
     if named != anonymous:
         alias.append(("alias", anonymous, named, {}))
-    kept = expected_properties(props)
+    kept = expected_properties(props, identity)
     # A set whose properties were all dropped is not sent.
     person_set = [("set", named, None, kept)] if kept else []
     assert got == [*alias, ("record", named, expected_name(event), {}), *person_set]
@@ -242,8 +284,9 @@ def test_explicit_identities_in_a_view(
     )
     assert response.status_code == 200
     got = [(c.kind, c.person, c.name, c.properties) for c in km_outbox]
+    expected_props = expected_properties(props, identity, event)
     assert got == [
-        ("record", expected_name(identity), expected_name(event), expected_properties(props)),
+        ("record", expected_name(identity), expected_name(event), expected_props),
         ("alias", expected_name(identity), expected_name(other), {}),
     ]
 
@@ -270,8 +313,9 @@ def test_forged_cookie_and_user_agent(km_outbox: list[Command], cookie: str, age
     sent = parse_cookie(header).get("km_ai", "")
     kept = unquote(sent) if len(sent) <= 1024 else ""
     (command,) = km_outbox
-    if re.fullmatch(r"[A-Za-z0-9+/=]{1,255}", kept):
-        # A plausible id (Base64 alphabet, 1 to 255 characters) is the visitor's.
+    if re.fullmatch(r"[A-Za-z0-9+/=]{20,255}", kept) and not kept.isdigit():
+        # A plausible id (Base64 alphabet, 20 to 255 characters, not a number) is the
+        # visitor's.
         assert command.person == kept
         assert "km_ai" not in response.cookies
     else:
@@ -281,10 +325,47 @@ def test_forged_cookie_and_user_agent(km_outbox: list[Command], cookie: str, age
         assert command.person == fresh
 
 
+@HYPOTHESIS
+@given(
+    forged=st.one_of(
+        st.just("<the other user>"),
+        st.integers(0, 10**40).map(str),
+        st.from_regex(r"[A-Za-z0-9+/=]{1,19}", fullmatch=True),
+        st.from_regex(r"[A-Za-z0-9+/=%]{1,60}", fullmatch=True),
+    ),
+    with_ni=st.booleans(),
+)
+def test_a_forged_km_ai_never_joins_two_people_at_login(
+    km_outbox: list[Command], forged: str, with_ni: bool
+) -> None:
+    other, _ = User.objects.get_or_create(username="other")
+    ann, _ = User.objects.get_or_create(username="ann")
+    if forged == "<the other user>":
+        forged = str(other.pk)
+    header = f"km_ai={forged}" + (f"; km_ni={forged}" if with_ni else "")
+    km_outbox.clear()
+    client = Client(HTTP_COOKIE=header)
+    response = client.post("/login/", json.dumps({"username": "ann"}), "application/json")
+    assert response.status_code == 200
+    sent = unquote(parse_cookie(header).get("km_ai", ""))
+    aliases = [(c.person, c.name) for c in km_outbox if c.kind == "alias"]
+    trusted = re.fullmatch(r"[A-Za-z0-9+/=]{20,255}", sent) and not sent.isdigit()
+    if trusted and not with_ni:
+        # An unguessable id: the visitor's own anonymous history, joined at login.
+        assert aliases == [(sent, str(ann.pk))]
+    else:
+        # Anything else (a number, a short value, the library's named km_ai) is replaced:
+        # the alias joins the fresh id, never the forged value or another user.
+        assert aliases == [(anonymous_id(response), str(ann.pk))]
+        assert sent not in aliases[0]
+    assert str(other.pk) not in {side for pair in aliases for side in pair}
+
+
 @pytest.mark.parametrize("blank", ["", " ", "\t\n", "\u3000\xa0"])
 def test_blank_names_are_a_developer_error(blank: str) -> None:
-    with pytest.raises(ValueError, match="must not be empty"):
-        km.record(blank, identity="ann")
+    if blank:  # record("", ...) is set(...), as the Kissmetrics docs have it.
+        with pytest.raises(ValueError, match="must not be empty"):
+            km.record(blank, identity="ann")
     with pytest.raises(ValueError, match="must not be empty"):
         km.record("Event", identity=blank)
 
@@ -321,7 +402,7 @@ def test_values_reach_the_tracker_escaped_and_intact(
         "_n": expected_name(event),
         "_t": str(WHEN),
         "_d": "1",
-        **expected_properties(props),
+        **expected_properties(props, person, event),
     }
     # The stand-in (http.server) refuses a request line over 64 KiB; the real tracker's
     # limit is lower still, which is the site's concern, not the escaping's.

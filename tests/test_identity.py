@@ -38,11 +38,14 @@ def test_new_ids_are_base64_of_20_random_bytes() -> None:
         assert len(base64.b64decode(value, validate=True)) == 20
 
 
+LONG = "Ab0" * 7  # 21 characters of the Base64 alphabet: long enough for an anonymous id.
+
+
 def test_cookie_encoding_is_encode_uri_component() -> None:
     assert encode_cookie("ab+/=") == "ab%2B%2F%3D"
     assert encode_cookie("a!~*'()b") == "a!~*'()b"
-    assert decode_cookie("ab%2B%2F%3D") == "ab+/="
-    assert decode_cookie("ab+c") == "ab+c"  # "+" is data, not a space.
+    assert decode_cookie(LONG + "ab%2B%2F%3D") == LONG + "ab+/="
+    assert decode_cookie(LONG + "ab+c") == LONG + "ab+c"  # "+" is data, not a space.
 
 
 # Cookie values as a browser may send them: the Base64 alphabet, escapes (upper and
@@ -80,8 +83,30 @@ def test_implausible_cookie_values_are_rejected(raw: str) -> None:
 
 
 def test_anonymous_id_alphabet() -> None:
-    assert is_anonymous_id("Az09+/=")
-    assert not is_anonymous_id("Az-_")
+    assert is_anonymous_id("Az09+/=" * 3)
+    assert not is_anonymous_id("Az-_" * 6)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1",  # A primary key: with the default IDENTITY, user 1.
+        "42",
+        "9" * 30,  # Digits only, however long: a number is someone's key or phone.
+        "ann",  # A username.
+        "averyshortusername",  # 18 characters.
+        "A" * 19,
+        "x" * 256,
+    ],
+)
+def test_values_that_could_name_someone_are_not_anonymous_ids(value: str) -> None:
+    assert not is_anonymous_id(value)
+    assert decode_cookie(value) is None
+
+
+@pytest.mark.parametrize("value", ["A" * 20, "1" * 19 + "a", "x" * 255, new_anonymous_id()])
+def test_twenty_to_255_characters_not_all_digits_are_anonymous_ids(value: str) -> None:
+    assert is_anonymous_id(value)
 
 
 @pytest.mark.parametrize(
@@ -329,7 +354,9 @@ def test_prepared_cookie_can_still_be_changed_and_pickled() -> None:
 
 def test_anonymous_request_leaves_session_and_user_unread(client: Client) -> None:
     # Without a session cookie, AuthenticationMiddleware's user can only be anonymous:
-    # neither it nor the session is loaded, and no "Vary: Cookie" is added.
+    # neither it nor the session is loaded, and a returning visitor's response (no
+    # cookie set) gets no "Vary: Cookie".
+    client.cookies["km_ai"] = encode_cookie(new_anonymous_id())
     response = client.get("/record/?event=Viewed")
     request = response.wsgi_request
     from django.utils.functional import empty

@@ -127,30 +127,28 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(10)
 
 
-@pytest.fixture
-def site(tmp_path: Path, tracker: StandInTracker, redis_url: str) -> Site:
-    """A fresh startproject site with the Install page's steps applied."""
+def startproject(path: Path, tracker: StandInTracker, section: str, **extra: str) -> Site:
+    """A fresh startproject site with the Python blocks of ``section`` applied, a page
+    rendering Install's template block, and the stand-in tracker's URL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "KISSMETRICS_"))}
-    env.update(CELERY_BROKER_URL=redis_url, PYTHONUNBUFFERED="1")
+    env.update(PYTHONUNBUFFERED="1", **extra)
     made = subprocess.run(
-        [sys.executable, "-m", "django", "startproject", PROJECT, str(tmp_path)],
+        [sys.executable, "-m", "django", "startproject", PROJECT, str(path)],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert made.returncode == 0, made.stderr
-    section = install_section()
     for block in blocks(section):
         if block.target is not None:
-            path = tmp_path / block.target
-            with path.open("a") as file:
+            with (path / block.target).open("a") as file:
                 file.write("\n" + block.text)
-    (tag,) = [b.text for b in blocks(section) if b.language == "django"]
+    (tag,) = [b.text for b in blocks(install_section()) if b.language == "django"]
     # What the test adds: no request may reach Kissmetrics, and a page to request.
-    with (tmp_path / PROJECT / "settings.py").open("a") as file:
+    with (path / PROJECT / "settings.py").open("a") as file:
         file.write(f"\nKISSMETRICS['TRACKING_URL'] = {tracker.url!r}\n")
-    (tmp_path / PROJECT / "pricing.py").write_text(
+    (path / PROJECT / "pricing.py").write_text(
         "from django.http import HttpResponse\n"
         "from django.template import engines\n\n"
         "from django_kissmetrics import km\n\n"
@@ -159,9 +157,15 @@ def site(tmp_path: Path, tracker: StandInTracker, redis_url: str) -> Site:
         '    km.record("Viewed Pricing")\n'
         "    return HttpResponse(PAGE.render({}, request))\n"
     )
-    with (tmp_path / PROJECT / "urls.py").open("a") as file:
+    with (path / PROJECT / "urls.py").open("a") as file:
         file.write("\nfrom .pricing import pricing\n\nurlpatterns += [path('pricing/', pricing)]\n")
-    return Site(tmp_path, env)
+    return Site(path, env)
+
+
+@pytest.fixture
+def site(tmp_path: Path, tracker: StandInTracker, redis_url: str) -> Site:
+    """A fresh startproject site with the Install page's steps applied."""
+    return startproject(tmp_path, tracker, install_section(), CELERY_BROKER_URL=redis_url)
 
 
 def test_check_passes_and_warns_only_about_the_missing_key(site: Site) -> None:

@@ -244,3 +244,25 @@ def test_under_asgi(async_client: Any, client: Client) -> None:
     shown = text(render_panel(client, before))
     assert "Async Event n=1" in shown
     assert "deferred to the response" in shown
+
+
+def test_sites_track_and_dropped_commands(client: Client, settings: Any) -> None:
+    settings.KISSMETRICS = {
+        **settings.KISSMETRICS,
+        "SITES": {".shop.test": "shop-key"},
+        "TRACK": "django_kissmetrics.track.not_staff",
+        "BEFORE_SEND": "tests.hooks.drop_health",
+    }
+    shown = panel_after(client, "/shop/", HTTP_HOST="www.shop.test")
+    assert "Site (API key) shop-key (SITES, host www.shop.test)" in shown
+    assert "TRACK tracked (django_kissmetrics.track.not_staff)" in shown
+    row = commands(client, "/shop/")["Viewed Shop"]
+    assert row[-1] == "test-key"  # Another host: API_KEY, the default.
+    settings.KISSMETRICS = {**settings.KISSMETRICS, "BEFORE_SEND": "tests.hooks.drop_all"}
+    shown = panel_after(client, "/shop/")
+    assert "dropped by BEFORE_SEND" in shown
+    assert "BEFORE_SEND dropped 1 command." in shown
+    client.force_login(User.objects.create_user("ann", password="pw", is_staff=True))
+    shown = panel_after(client, "/shop/")
+    assert "TRACK kept out (django_kissmetrics.track.not_staff)" in shown
+    assert "This visitor not tracked" in shown

@@ -131,3 +131,48 @@ def test_stop_flushes_and_ends_the_thread(published: list[list[Command]], make: 
     assert not pub.thread.is_alive()
     assert [c.person for m in published for c in m] == ["person-7"]
     pub.flush(timeout=0.1)  # A stopped publisher's flush returns at once.
+
+
+# A graceful stop on a busy machine.
+
+
+def test_a_publisher_made_as_a_stop_is_signalled_still_hears_of_it(
+    published: list[list[Command]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = publisher.Publisher.__init__
+
+    def init(self: publisher.Publisher, *args: Any) -> None:
+        made(self, *args)  # It read "no stop" ...
+        publisher.stop_signalled()  # ... and the stop found no publisher to tell.
+
+    monkeypatch.setattr(publisher.Publisher, "__init__", init)
+    monkeypatch.setattr(publisher, "_stop_signalled", False)
+    pub = publisher.get_publisher()
+    assert pub.stop_signalled
+    pub.submit([command(1)])  # Published at once, in the caller: no window to wait out.
+    assert [c.person for m in published for c in m] == ["person-1"]
+
+
+def test_a_stop_the_thread_cannot_serve_in_time_is_logged_in_full(
+    monkeypatch: pytest.MonkeyPatch, make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = threading.Event()
+    published: list[Command] = []
+
+    def hung(commands: Any) -> None:  # A broker that hangs, a thread that is not scheduled.
+        release.wait(10)
+        published.extend(commands)
+
+    monkeypatch.setattr(publisher, "publish", hung)
+    pub = make(window=0.01)
+    pub.submit([command(1)])
+    time.sleep(0.2)  # The thread has it in flight now.
+    pub.submit([command(2)])
+    assert pub.flush_or_report(0.2, "a stop was signalled") is False
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "2 command(s) not yet published 0.2 s after a stop was signalled" in line
+    assert "person-1" in line
+    assert "person-2" in line
+    release.set()
+    assert pub.flush_or_report(5, "the process began to exit") is True
+    assert [c.person for c in published] == ["person-1", "person-2"]

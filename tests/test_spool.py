@@ -8,6 +8,7 @@ truth: every command arrives once, with the ``_t`` of its call.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -171,11 +172,20 @@ def test_log_means_no_spool(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_default_folder_is_named_for_the_project(settings: Any) -> None:
+def test_the_default_folder_is_one_per_site_and_user(settings: Any) -> None:
     settings.BASE_DIR = Path("/srv/shop")
-    assert Path(spool.default_dir()).name == f"django-kissmetrics-shop-{os.getuid()}"
+    shop = Path(spool.default_dir()).name
+    assert shop.startswith(f"django-kissmetrics-shop-{os.getuid()}-")
+    # Another site in a folder of the same name: a spool of its own.
+    settings.BASE_DIR = Path("/home/ann/shop")
+    assert Path(spool.default_dir()).name != shop
+    settings.BASE_DIR = "/srv/shop/"
+    assert Path(spool.default_dir()).name == shop  # The same folder, however written.
     del settings.BASE_DIR
-    assert Path(spool.default_dir()).name == f"django-kissmetrics-tests-{os.getuid()}"
+    by_module = Path(spool.default_dir()).name
+    assert by_module.startswith(f"django-kissmetrics-tests-{os.getuid()}-")
+    settings.SETTINGS_MODULE = "tests.other_settings"
+    assert Path(spool.default_dir()).name != by_module
 
 
 # A broken spool never fails a request.
@@ -299,7 +309,9 @@ def test_broker_and_tracker_down_with_a_deploy_inside_the_outage(
             sent += [visit(new, f"New process {n}") for n in range(10)]
             time.sleep(2.0)  # The outage lasts a while.
             assert len(tracker.hits) == 1
-            status = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600).status()
+            status = spool.Spool(
+                tmp_path, max_bytes=10**9, max_age=3600, api_key="test-key"
+            ).status()
             assert status.commands == 20
             own_broker.start()
             tracker.start()
@@ -365,7 +377,7 @@ def test_a_retry_the_worker_cannot_queue_is_spooled_and_replayed(
     tracker: StandInTracker, own_broker: RedisServer, tmp_path: Path, failed: list[Command]
 ) -> None:
     config = {"BACKEND": "celery", "TRACKING_URL": tracker.url, "SPOOL_DIR": str(tmp_path), **FAST}
-    store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600)
+    store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600, api_key="test-key")
     store.put([command(1)])  # Left by an earlier process: the worker replays it as it starts.
     tracker.delay = 1.0  # The 503 comes after the broker has gone.
     tracker.fail(1, 503)
@@ -403,7 +415,7 @@ def test_two_processes_replaying_one_spool_send_each_batch_once(
     tracker: StandInTracker, own_broker: RedisServer, tmp_path: Path
 ) -> None:
     config = {"BACKEND": "celery", "TRACKING_URL": tracker.url, "SPOOL_DIR": str(tmp_path), **FAST}
-    store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600)
+    store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600, api_key="test-key")
     total = 600
     for n in range(total):
         store.put([command(n)])
@@ -484,3 +496,191 @@ def test_a_forked_child_uses_a_connection_of_its_own(spool_dir: Path) -> None:
     sent: list[Command] = []
     assert spool.replay(store, lambda c: sent.extend(c)) == (3, None)
     assert sorted(c.person for c in sent) == ["person-1", "person-2", "person-3"]
+
+
+# The folder is the site's own, and so are its entries.
+
+
+@pytest.fixture
+def secret_spool(tmp_path: Path, km_settings: Callable[..., None]) -> Path:
+    """The setting names ``tmp_path/spool``, which the test prepares."""
+    folder = tmp_path / "spool"
+    km_settings(SPOOL_DIR=str(folder))
+    return folder
+
+
+def spooled_visit(caplog: pytest.LogCaptureFixture, failed: list[Command]) -> list[str]:
+    """keep() one command, as the publisher does when the broker fails; the ERROR lines."""
+    caplog.clear()
+    assert spool.keep([command(1)], ConnectionError("broker down"), "could not queue") is False
+    assert failed == [command(1)]  # Logged in full and signalled: not lost silently.
+    return [x for x in errors(caplog) if "the spool cannot be used" in x]
+
+
+def test_a_folder_another_user_made_first_is_refused_and_left_alone(
+    secret_spool: Path,
+    caplog: pytest.LogCaptureFixture,
+    failed: list[Command],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret_spool.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(secret_spool, 65534, 65534)  # nobody: someone else got there first.
+        other = 65534
+    else:
+        # Without root no folder can be given away: this process plays another user.
+        other = os.geteuid()
+        monkeypatch.setattr(spool, "_uid", lambda: other + 1)
+    (line,) = spooled_visit(caplog, failed)
+    assert str(secret_spool) in line
+    assert f"belongs to user id {other}" in line
+    assert "SPOOL_DIR" in line  # The fix.
+    assert list(secret_spool.iterdir()) == []
+    failed.clear()
+    assert spooled_visit(caplog, failed) == []  # Said once per process, not per batch.
+
+
+def test_a_folder_open_to_others_is_refused(
+    secret_spool: Path, caplog: pytest.LogCaptureFixture, failed: list[Command]
+) -> None:
+    secret_spool.mkdir()
+    secret_spool.chmod(0o777)
+    (line,) = spooled_visit(caplog, failed)
+    assert f"{secret_spool} has mode 0777" in line
+    assert f"chmod 700 {secret_spool}" in line
+    assert list(secret_spool.iterdir()) == []
+
+
+def test_a_symbolic_link_is_refused(
+    secret_spool: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, failed: list[Command]
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    secret_spool.symlink_to(elsewhere)
+    (line,) = spooled_visit(caplog, failed)
+    assert f"{secret_spool} is a symbolic link" in line
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_folder_is_0700_and_its_files_0600_whatever_the_umask(secret_spool: Path) -> None:
+    previous = os.umask(0o022)  # The usual umask: 0755 folders, 0644 files.
+    try:
+        store = the_spool()
+        store.put([command(1)])
+        names = sorted(p.name for p in secret_spool.iterdir())
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in secret_spool.iterdir()}
+    finally:
+        os.umask(previous)
+    assert names == [spool.FILENAME, f"{spool.FILENAME}-shm", f"{spool.FILENAME}-wal"]
+    assert set(modes.values()) == {"0o600"}, modes
+    assert oct(secret_spool.stat().st_mode & 0o777) == "0o700"
+
+
+def test_files_an_earlier_version_left_readable_are_tightened(secret_spool: Path) -> None:
+    secret_spool.mkdir(mode=0o700)
+    old = spool.Spool(secret_spool, max_bytes=10**6, max_age=3600)
+    old.put([command(1)])
+    old.close()
+    (secret_spool / spool.FILENAME).chmod(0o644)
+    the_spool().put([command(2)])
+    assert {oct(p.stat().st_mode & 0o777) for p in secret_spool.iterdir()} == {"0o600"}
+
+
+def test_the_check_names_an_unfit_spool_folder(secret_spool: Path) -> None:
+    from django_kissmetrics.checks import check_settings
+
+    secret_spool.mkdir(mode=0o755)
+    (message,) = [m for m in check_settings() if m.id == "django_kissmetrics.E005"]
+    assert str(secret_spool) in message.msg
+    assert "chmod 700" in message.msg
+    secret_spool.chmod(0o700)
+    assert [m for m in check_settings() if m.id == "django_kissmetrics.E005"] == []
+
+
+def test_a_malformed_entry_is_moved_aside_and_the_others_replay(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    store = the_spool()
+    for n in range(5):
+        store.put([command(n, int(time.time()) - 100 + n)])
+    planted = {
+        2: "not json",
+        3: json.dumps([["drop", "x", "y", {}, 1]]),  # A kind that does not exist.
+        4: json.dumps([["record", "x", "y", {"amount": {"nested": 1}}, 1]]),  # Not text.
+    }
+    with contextlib.closing(sqlite3.connect(spool_dir / spool.FILENAME)) as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM entries ORDER BY id")]
+        for n, payload in planted.items():
+            db.execute("UPDATE entries SET payload = ? WHERE id = ?", (payload, ids[n]))
+        db.commit()
+    sent: list[Command] = []
+    assert spool.replay(store, lambda c: sent.extend(c)) == (2, None)
+    assert [c.person for c in sent] == ["person-0", "person-1"]
+    lines = [x for x in errors(caplog) if "malformed" in x]
+    assert len(lines) == 3
+    assert all("quarantine" in x for x in lines)
+    status = store.status()
+    assert (status.count, status.quarantined) == (0, 3)
+    with contextlib.closing(sqlite3.connect(spool_dir / spool.FILENAME)) as db:
+        kept = [row[0] for row in db.execute("SELECT payload FROM quarantine ORDER BY id")]
+    assert kept == list(planted.values())  # Kept as found, for a person to look at.
+
+
+def test_an_entry_made_with_another_key_is_left_for_its_site(
+    spool_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = spool.Spool(spool_dir, max_bytes=10**6, max_age=3600, api_key="other-site-key")
+    other.put([command(1)])
+    store = the_spool()
+    assert store.api_key == "test-key"
+    store.put([command(2)])
+    sent: list[Command] = []
+    assert spool.replay(store, lambda c: sent.extend(c)) == (1, None)
+    assert [c.person for c in sent] == ["person-2"]
+    assert store.next_due() is None  # Nothing of its own left: no wake-ups for the other's.
+    status = store.status()
+    assert (status.count, status.other_keys) == (0, 1)
+    call_command("kissmetrics_spool", "status")
+    assert "entries of other API keys: 1" in capsys.readouterr().out
+    # Its own site replays it.
+    assert spool.replay(other, lambda c: sent.extend(c)) == (1, None)
+    assert [c.person for c in sent] == ["person-2", "person-1"]
+
+
+def test_entries_spooled_before_keys_were_recorded_are_replayed(spool_dir: Path) -> None:
+    import sqlite3
+
+    (spool_dir / spool.FILENAME).unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(spool_dir / spool.FILENAME)) as db:
+        db.execute(
+            "CREATE TABLE entries (id INTEGER PRIMARY KEY AUTOINCREMENT, oldest INTEGER NOT NULL,"
+            " newest INTEGER NOT NULL, created REAL NOT NULL, not_before REAL NOT NULL,"
+            " size INTEGER NOT NULL, count INTEGER NOT NULL, payload TEXT NOT NULL,"
+            " claimed_by TEXT, claimed_at REAL)"
+        )
+        wire = json.dumps([command(1).to_wire()])
+        at = command(1).timestamp
+        db.execute(
+            "INSERT INTO entries (oldest, newest, created, not_before, size, count, payload)"
+            " VALUES (?, ?, ?, ?, ?, 1, ?)",
+            (at, at, time.time(), 0, len(wire), wire),
+        )
+        db.commit()
+    sent: list[Command] = []
+    assert spool.replay(the_spool(), lambda c: sent.extend(c)) == (1, None)
+    assert sent == [command(1)]
+
+
+def test_purge_everything_takes_entries_timed_in_the_future(
+    spool_dir: Path, failed: list[Command], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = the_spool()
+    later = int(time.time()) + 3600  # A clock that was ahead, or a planted entry.
+    store.put([command(1, later)])
+    store.put([command(2)])
+    call_command("kissmetrics_spool", "purge", "--older-than", "0")
+    assert "purged 2 command(s)" in capsys.readouterr().out
+    assert store.status().count == 0
+    assert sorted(c.person for c in failed) == ["person-1", "person-2"]

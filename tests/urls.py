@@ -15,6 +15,8 @@ urlpatterns = [
     path("js/", views.browser_then_redirect),
     path("atomic/", views.atomic),
     path("signup/", views.signup),
+    path("invite/", views.invite),
+    path("cached/", views.cached),
     path("boom/", views.boom),
     path("admin/thing/", views.record),
     path("login/", auth_views.LoginView.as_view(template_name="login.html")),
@@ -28,6 +30,7 @@ urlpatterns += [
     path("browser/tag/", views.browser_tag),
     path("browser/csp/", views.browser_csp),
     path("browser/vector/", views.browser_vector),
+    path("browser/triggers/", views.browser_triggers),
 ]
 
 urlpatterns += [
@@ -35,4 +38,6 @@ urlpatterns += [
     path("consent/page/", views.consent_page),
     path("consent/explicit/", views.consent_explicit),
     path("consent/identify/", views.consent_identify),
+    path("consent/named/", views.consent_named),
+    path("consent/async-named/", views.async_consent_named),
 ]

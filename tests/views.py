@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import secrets
 
 from django.contrib.auth import login
 from django.contrib.auth.models import User
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
+from django.utils.cache import patch_cache_control
 
 from django_kissmetrics import km
 
@@ -59,6 +61,29 @@ def signup(request: HttpRequest) -> HttpResponse:
     user = User.objects.create_user(request.POST["username"], password=request.POST["password"])
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     return HttpResponseRedirect("/")
+
+
+def cached(request: HttpRequest) -> HttpResponse:
+    """A page caches may keep for a minute (``?public=1``: any cache).
+
+    ``?cookie=<name>`` also sets a cookie of the site's own, per visitor.
+    """
+    km.record("Viewed Cached Page")
+    response = HttpResponse("a cached page")
+    patch_cache_control(
+        response, max_age=60, **({"public": True} if "public" in request.GET else {})
+    )
+    if "cookie" in request.GET:
+        response.set_cookie(request.GET["cookie"], secrets.token_hex(8))
+    return response
+
+
+def invite(request: HttpRequest) -> HttpResponse:
+    """Accounts made for other people (invitations): the visitor stays who they are."""
+    for username in request.POST["usernames"].split(","):
+        User.objects.create_user(username)
+    km.record("Sent Invitations")
+    return HttpResponse("invited")
 
 
 def boom(request: HttpRequest) -> HttpResponse:
@@ -131,6 +156,16 @@ def browser_vector(request: HttpRequest) -> HttpResponse:
     return render(request, "browser_page.html")
 
 
+def browser_triggers(request: HttpRequest) -> HttpResponse:
+    """A button, a form and an outbound link, each with its trigger tag.
+
+    ``?python=1`` declares a click trigger from the view as well (``km.js``).
+    """
+    if request.GET.get("python"):
+        km.js.track_click("buy", "Pressed Buy", {"from": "view"})
+    return render(request, "browser_triggers.html", {"form_properties": {"form": "signup"}})
+
+
 def vector_identity(user: User) -> str:
     """An ``IDENTITY`` function for the XSS suite: whatever the user's first name holds."""
     return user.first_name
@@ -154,6 +189,22 @@ def consent_identify(request: HttpRequest) -> HttpResponse:
     km.identify("ann@example.com")
     km.js.record("Clicked Buy")
     return HttpResponseRedirect("/browser/page/")
+
+
+def consent_named(request: HttpRequest) -> HttpResponse:
+    """Calls naming ``?who=`` (perhaps the visitor themself), and one naming a customer."""
+    who = request.GET["who"]
+    km.record("Viewed Page", identity=who)
+    km.set({"plan": "pro"}, identity=who)
+    km.alias(who, "someone@example.com")
+    km.alias("customer-7", who)
+    km.record("Refunded", identity="customer-7")
+    return HttpResponse("ok")
+
+
+async def async_consent_named(request: HttpRequest) -> HttpResponse:
+    """:func:`consent_named` in an async view."""
+    return consent_named(request)
 
 
 def consent_page(request: HttpRequest) -> HttpResponse:

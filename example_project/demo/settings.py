@@ -5,11 +5,15 @@ Environment variables:
 - ``DEMO_PORT`` (default 8000): the port ``runserver`` listens on; the stand-in tracker's
   URL is built from it, so ``make demo PORT=...`` passes it along.
 - ``DEMO_DB``: the SQLite file (default ``example_project/db.sqlite3``).
+- ``KISSMETRICS_SECOND_API_KEY``: the key of the second site, ``http://localhost:<port>/``.
 - ``KISSMETRICS_API_KEY`` and ``KISSMETRICS_TRACKING_URL``: send to a real Kissmetrics
   site (``https://trk.kissmetrics.io``) instead of the stand-in tracker.
 - ``CELERY_BROKER_URL`` (for example ``redis://127.0.0.1:6379/0``): queue deliveries to a
   real broker; then run ``celery -A demo worker -l info`` from ``example_project/`` with
   the same environment.
+- ``DEMO_BACKEND=tasks`` (``make demo-tasks``): deliver through Django Tasks instead, queued
+  in the demo's own database by django-tasks-db; run ``python manage.py db_worker`` from
+  ``example_project/`` beside it (``make demo-tasks`` does). No broker at all.
 """
 
 from __future__ import annotations
@@ -131,6 +135,14 @@ KISSMETRICS = {
         "/health",
         "/tracker/",
     ],
+    # Where visitors come from, recorded by the server even when an ad blocker stops the
+    # library: open the shop as /?utm_source=demo and the tracker shows an Ad Campaign Hit.
+    "AUTO_EVENTS": ["Visited Site", "Ad Campaign Hit", "Search Engine Hit", "Referrer"],
+    # A second site on the same server: http://localhost:<port>/ is tracked under a key
+    # of its own (the tracker's page shows each person's site); 127.0.0.1 uses API_KEY.
+    "SITES": {"localhost": os.environ.get("KISSMETRICS_SECOND_API_KEY") or "demo-second-key"},
+    # Staff (the admin's users) are not counted as visitors.
+    "TRACK": "django_kissmetrics.track.not_staff",
 }
 
 # --- Consent -----------------------------------------------------------------------------
@@ -164,6 +176,14 @@ CELERY_TASK_IGNORE_RESULT = True
 # With Redis, a message a killed worker had taken comes back after this many seconds;
 # the package's longest retry backoff (RETRY_BACKOFF_MAX, 600 s) stays well under it.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+
+# --- Django Tasks (DEMO_BACKEND=tasks) -----------------------------------------------------
+
+if os.environ.get("DEMO_BACKEND") == "tasks":
+    KISSMETRICS["BACKEND"] = "tasks"
+    # Below Django 6.0 the framework is the django-tasks backport.
+    INSTALLED_APPS += [*(["django_tasks"] if django.VERSION < (6, 0) else []), "django_tasks_db"]
+    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 
 # --- Logging -----------------------------------------------------------------------------
 

@@ -70,8 +70,13 @@ class Entry:
 
 @dataclass
 class Person:
-    """Every identity Kissmetrics would treat as one person, with all their hits."""
+    """Every identity Kissmetrics would treat as one person, with all their hits.
 
+    A person belongs to one site (one API key, ``_k``): Kissmetrics keeps each site's
+    people apart, so the same identity on two sites is two people.
+    """
+
+    site: str = ""
     identities: list[str] = field(default_factory=list)
     named: list[str] = field(default_factory=list)
     aliases: list[tuple[str, str]] = field(default_factory=list)
@@ -101,6 +106,7 @@ class Person:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-safe form."""
         return {
+            "site": self.site,
             "label": self.label,
             "identities": self.identities,
             "named": self.named,
@@ -125,8 +131,16 @@ def when(hit: Hit) -> dt.datetime:
 
 
 def group(hits: Iterable[Hit]) -> list[Person]:
-    """``hits`` as people, the most recently active first."""
-    hits = list(hits)
+    """``hits`` as people, site by site (``_k``), the most recently active first."""
+    by_site: dict[str, list[Hit]] = {}
+    for hit in hits:
+        by_site.setdefault(hit.key, []).append(hit)
+    people = [person for site, some in by_site.items() for person in _group(site, some)]
+    return sorted(people, key=lambda p: p.last_seen, reverse=True)
+
+
+def _group(site: str, hits: list[Hit]) -> list[Person]:
+    """The people of one site."""
     sets = UnionFind()
     alias_targets: set[str] = set()
     for hit in hits:
@@ -140,7 +154,7 @@ def group(hits: Iterable[Hit]) -> list[Person]:
     # Whole seconds first (``_t`` has no more), then arrival: within one second that puts
     # an alias before the events of the same request, as the package delivers them.
     for hit in sorted(hits, key=lambda h: (int(when(h).timestamp()), h.pk or 0)):
-        person = people.setdefault(sets.find(hit.person), Person())
+        person = people.setdefault(sets.find(hit.person), Person(site=site))
         identities = [hit.person, hit.name] if hit.path == "/a" else [hit.person]
         for identity in identities:
             if identity and identity not in person.identities:
@@ -161,4 +175,4 @@ def group(hits: Iterable[Hit]) -> list[Person]:
                 at=timezone.localtime(when(hit)),
             )
         )
-    return sorted(people.values(), key=lambda p: p.last_seen, reverse=True)
+    return list(people.values())

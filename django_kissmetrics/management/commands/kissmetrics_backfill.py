@@ -50,6 +50,11 @@ class Command(BaseCommand):
             "--set", action="store_true", help="Set person properties instead of recording."
         )
         parser.add_argument("--dry-run", action="store_true", help="Print what would be sent.")
+        parser.add_argument(
+            "--api-key",
+            metavar="KEY",
+            help="The site to send to, one of KISSMETRICS['SITES'] (default API_KEY).",
+        )
         parser.add_argument("--after-pk", help="Resume: only rows with a greater primary key.")
         parser.add_argument("--quiet", action="store_true", help="No progress bar.")
         parser.add_argument(
@@ -94,10 +99,15 @@ class Command(BaseCommand):
                 identity_field=options["identity_field"],
                 **common,
             )
-        if not options["dry_run"] and not get_settings().enabled:
+        conf = get_settings()
+        if not options["dry_run"] and not conf.enabled:
             raise CommandError(
                 "tracking is off (no KISSMETRICS['API_KEY'], or BACKEND 'disabled'): "
                 "nothing would be sent"
+            )
+        if not options["dry_run"] and not (options["api_key"] or conf.API_KEY):
+            raise CommandError(
+                "KISSMETRICS has SITES but no API_KEY: name the site with --api-key KEY"
             )
         tty = not options["quiet"] and self.stderr.isatty()
         # The wrapped stream: OutputWrapper ends every write with a newline, and a
@@ -110,6 +120,7 @@ class Command(BaseCommand):
             dry_run=options["dry_run"],
             out=self.stdout,  # type: ignore[arg-type]
             progress=progress,
+            api_key=options["api_key"],
         )
         what = plan.event or "person properties"
         message = f"{plan.label} as {what!r}: {summary}"

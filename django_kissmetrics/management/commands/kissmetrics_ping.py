@@ -1,4 +1,4 @@
-"""``python manage.py kissmetrics_ping [--identity ID] [--timeout SECONDS]``."""
+"""``python manage.py kissmetrics_ping [--identity ID] [--timeout SECONDS] [--api-key KEY]``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        """``--identity`` and ``--timeout``."""
+        """``--identity``, ``--timeout`` and ``--api-key``."""
         parser.add_argument(
             "--identity",
             default=ping.DEFAULT_IDENTITY,
@@ -35,8 +35,16 @@ class Command(BaseCommand):
             metavar="SECONDS",
             help="give up after this many seconds (default 30)",
         )
+        parser.add_argument(
+            "--api-key",
+            default=None,
+            metavar="KEY",
+            help="the site to ping, one of KISSMETRICS['SITES'] (default API_KEY)",
+        )
 
-    def handle(self, *args: Any, identity: str, timeout: float, **options: Any) -> None:
+    def handle(
+        self, *args: Any, identity: str, timeout: float, api_key: str | None, **options: Any
+    ) -> None:
         """Run the ping; raise ``CommandError`` (exit 1) naming the hop that failed."""
         if timeout <= 0:
             raise CommandError("--timeout must be more than 0 seconds")
@@ -45,7 +53,7 @@ class Command(BaseCommand):
             self.stdout.write(f"ok  {hop}: {detail}")
 
         try:
-            token = ping.run(identity, timeout, report)
+            token = ping.run(identity, timeout, report, api_key=api_key)
         except ping.PingFailed as exc:
             raise CommandError(str(exc)) from None
         except ValueError as exc:  # An --identity that is no identity (empty).

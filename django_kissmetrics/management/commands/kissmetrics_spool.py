@@ -31,7 +31,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         """``status``, ``replay`` or ``purge --older-than AGE``."""
         sub = parser.add_subparsers(dest="action", required=True)
-        sub.add_parser("status", help="Entries, commands, bytes and the oldest command.")
+        sub.add_parser("status", help="Entries, commands, bytes, the oldest; other keys'.")
         sub.add_parser("replay", help="Publish every due entry to the broker now.")
         purge = sub.add_parser("purge", help="Drop entries (logged at ERROR and signalled).")
         purge.add_argument(
@@ -63,7 +63,9 @@ class Command(BaseCommand):
             f"entries: {status.count} ({status.claimed} being replayed)\n"
             f"commands: {status.commands}\n"
             f"bytes: {status.bytes}\n"
-            f"oldest: {oldest}"
+            f"oldest: {oldest}\n"
+            f"entries of other API keys: {status.other_keys} (left for their own site)\n"
+            f"quarantined: {status.quarantined} (malformed entries, kept aside)"
         )
 
     def _replay(self, spool: Spool, options: dict[str, Any]) -> None:
