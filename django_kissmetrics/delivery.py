@@ -50,18 +50,25 @@ def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
     if not commands:
         return []
     conf = get_settings()
-    if not conf.API_KEY and any(c.api_key is None for c in commands):
+    if not (conf.API_KEY or conf.SITES) and any(c.api_key is None for c in commands):
         # A command with no key of its own (queued before keys travelled) needs this
-        # process's: a worker that lacks it keeps the whole batch (nothing sent yet) for
-        # one that has it. Sending it under another site's key would mix their numbers.
+        # process's: a worker that lacks it (a misconfiguration: one site, no key) keeps
+        # the whole batch, nothing sent yet, for a worker that has it.
         raise ConfigurationError(
             "KISSMETRICS['API_KEY'] is not set, and a command has no key of its own"
         )
-    by_key: dict[str, list[Command]] = {}
+    by_key: dict[str | None, list[Command]] = {}
     for command in commands:
-        by_key.setdefault(command.api_key or conf.API_KEY or "", []).append(command)
+        by_key.setdefault(command.api_key or conf.API_KEY, []).append(command)
     failures: list[tuple[Command, TrackingError]] = []
     for key, group in by_key.items():
+        if key is None:
+            # SITES and no API_KEY: no site's key is this command's, and sending it under
+            # another site's key would mix two sites' numbers.
+            error = TrackingError("no API key: the command has none and API_KEY is not set")
+            error.status = 400  # Not retriable: no later attempt will find a key.
+            failures += [(c, error) for c in group]
+            continue
         api = client(key)
         # Aliases go first, one at a time, so that a batch's events land on a person
         # already joined.
