@@ -30,6 +30,7 @@ from django.core.exceptions import DisallowedHost
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from . import commands as cmd
 from .cookies import _HOST_SETTINGS, anonymous_cookie, cookie_domain_for
 
 if TYPE_CHECKING:
@@ -235,11 +236,20 @@ def finish(tracker: RequestTracker, response: HttpResponseBase) -> None:
     Recorded through the tracker, for the person the request ends with, whatever the
     response is (a campaign link often lands on a redirect).
     """
-    for name, properties in tracker.acquired:
-        if name is None:
-            tracker.set(properties, timestamp=tracker.acquired_at)
-        else:
-            tracker.record(name, properties, timestamp=tracker.acquired_at)
+    acquired, when = tracker.acquired, tracker.acquired_at
+    person = tracker.identity if acquired else None  # Worked out once, for all of them.
+    if person is not None:
+        try:
+            tracker.add_commands(
+                [
+                    cmd._record(person, name, properties, when)
+                    if name is not None
+                    else cmd.make_set(person, properties, when)
+                    for name, properties in acquired
+                ]
+            )
+        except (TypeError, ValueError):
+            logger.exception("Kissmetrics: dropped this request's acquisition events")
     value = tracker.visit_cookie
     if value is not None:
         request = tracker.request

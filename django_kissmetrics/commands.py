@@ -141,6 +141,8 @@ class Command(NamedTuple):
 
 def to_timestamp(value: dt.datetime | float | int | str | None) -> int:
     """Whole Unix seconds from a datetime, a number, numeric text or ``None`` (now)."""
+    if type(value) is int:
+        return value
     if value is None:
         return int(time.time())
     if isinstance(value, dt.datetime):

@@ -45,12 +45,16 @@ _Address = IPv4Address | IPv6Address
 
 #: Dotted paths whose failure was logged: once per process, not once per request.
 _logged: set[str] = set()
+#: (address as sent, id() of the ranges) -> whether it is in them. A visitor's address
+#: repeats request after request: ipaddress parses and compares it once.
+_inside: dict[tuple[str, int], bool] = {}
 
 
 @receiver(setting_changed, dispatch_uid="django_kissmetrics.track")
 def _reset(*, setting: str, **kwargs: Any) -> None:
     if setting == "KISSMETRICS":
         _logged.clear()
+        _inside.clear()
 
 
 @functools.cache
@@ -96,9 +100,26 @@ def visitor_address(request: HttpRequest) -> _Address | None:
 
 
 def _visitor_address(request: HttpRequest, header: str | None) -> _Address | None:
-    value = request.META.get(header) if header else None
-    value = value.rsplit(",", 1)[-1] if value else request.META.get("REMOTE_ADDR", "")
-    return _address(value.strip())
+    return _address(_address_text(request, header).strip())
+
+
+def _address_text(request: HttpRequest, header: str | None) -> str:
+    meta = request.META
+    value = meta.get(header) if header else None
+    return str(value.rsplit(",", 1)[-1] if value else meta.get("REMOTE_ADDR", ""))
+
+
+def _in_ranges(request: HttpRequest, header: str | None, networks: tuple[_Network, ...]) -> bool:
+    key = (_address_text(request, header), id(networks))
+    try:
+        return _inside[key]
+    except KeyError:
+        pass
+    answer = _within(_address(key[0].strip()), networks)
+    if len(_inside) >= 4096:
+        _inside.clear()  # Bounded, whatever addresses and headers visitors send.
+    _inside[key] = answer
+    return answer
 
 
 @functools.lru_cache(maxsize=1024)
@@ -121,7 +142,7 @@ def not_internal(request: HttpRequest) -> bool:
     """False for a visitor whose address is in ``KISSMETRICS["INTERNAL_IPS"]``."""
     conf = get_settings()
     networks = conf.INTERNAL_IPS
-    return not (networks and _within(_visitor_address(request, conf.TRUSTED_IP_HEADER), networks))
+    return not (networks and _in_ranges(request, conf.TRUSTED_IP_HEADER, networks))
 
 
 def outside(ranges: Iterable[str]) -> Check:
@@ -133,7 +154,7 @@ def outside(ranges: Iterable[str]) -> Check:
     networks = tuple(ipaddress.ip_network(r, strict=False) for r in ranges)
 
     def check(request: HttpRequest) -> bool:
-        return not _within(_visitor_address(request, get_settings().TRUSTED_IP_HEADER), networks)
+        return not _in_ranges(request, get_settings().TRUSTED_IP_HEADER, networks)
 
     return check
 
@@ -142,7 +163,11 @@ def every(*checks: Check) -> Check:
     """A ``TRACK`` function that tracks a visitor only when every one of ``checks`` does."""
 
     def check(request: HttpRequest) -> bool:
-        return all(one(request) for one in checks)
+        # A loop, not all() over a generator: this runs on every request.
+        for one in checks:  # noqa: SIM110
+            if not one(request):
+                return False
+        return True
 
     return check
 

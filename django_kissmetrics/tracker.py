@@ -388,6 +388,13 @@ class RequestTracker(CurrentPerson, Tracker):
         if self.active:
             self.browser.append(command)
 
+    def add_commands(self, commands: list[Command]) -> None:
+        """Commands the middleware itself makes about this request (``AUTO_EVENTS``)."""
+        if self._closed:
+            self._send(commands)
+        else:
+            self._buffer.extend(commands)
+
     def note_trigger(self, command: list[Any]) -> None:
         """Remember a trigger declared on this request (the toolbar panel lists them)."""
         self.triggers = [*self.triggers, command]
