@@ -5,18 +5,37 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 
 .PHONY: setup demo demo-tasks renew test test-matrix $(addprefix test-,$(CELLS)) lint bench worker clean
+.PHONY: docs dist test-wheel test-sdist
 
+# The suite's needs (the public `test` extra) and the project's own tools (the `dev` group,
+# PEP 735: pip >= 25.1, hence the upgrade first).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test]" --group dev
 	touch $@
 
 setup: $(BIN)/.installed
 
-demo: setup
-	cd example_project && ../$(BIN)/python manage.py migrate --noinput -v 0
-	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/python manage.py runserver 127.0.0.1:$(PORT)
+# --- The demo: a venv of its own with only what it needs (the `demo` group), on the newest
+# Python here that runs (the newest Django with it: 6.x needs 3.12+). For a start in seconds:
+# no pip in the venv (the interpreter's own pip fills it, `pip --python`), no bytecode ahead
+# of time (Python compiles what the demo imports), and no build of this package (the demo
+# imports it from the checkout, through PYTHONPATH). --------------------------------------
+DEMO_PYTHON ?= $(shell for p in python3.14 python3.13 $$(ls -d $$HOME/.pyenv/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV) python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3 2>/dev/null) $(PYTHON); do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+DEMO_VENV ?= .venv-demo
+DEMO_BIN := $(DEMO_VENV)/bin
+DEMO_RUN := cd example_project && DEMO_PORT=$(PORT) PYTHONPATH=$(CURDIR) ../$(DEMO_BIN)/python manage.py
+
+$(DEMO_BIN)/.installed: pyproject.toml
+	$(DEMO_PYTHON) -m venv --without-pip $(DEMO_VENV)
+	$(DEMO_PYTHON) -m pip --python $(DEMO_BIN)/python install -q --no-compile $$($(DEMO_PYTHON) -c \
+	  "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['dependency-groups']['demo'])")
+	touch $@
+
+demo: $(DEMO_BIN)/.installed
+	$(DEMO_RUN) migrate --noinput -v 0
+	$(DEMO_RUN) runserver 127.0.0.1:$(PORT)
 
 # The demo on Django Tasks: its own database is the queue, and db_worker runs beside it.
 demo-tasks: setup
@@ -26,8 +45,8 @@ demo-tasks: setup
 	../$(BIN)/python manage.py runserver 127.0.0.1:$(PORT); }
 
 # The demo's nightly job, sent to the demo running on $(PORT).
-renew: setup
-	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/python manage.py renew_subscriptions
+renew: $(DEMO_BIN)/.installed
+	$(DEMO_RUN) renew_subscriptions
 
 test: setup
 	$(BIN)/python -m pytest
@@ -89,5 +108,28 @@ bench: setup $(BIN)/.bench-installed
 worker: setup
 	cd example_project && DEMO_PORT=$(PORT) ../$(BIN)/celery -A demo worker -l info
 
+# --- Release: the docs, both distributions, and the suite against what users install -------
+RELEASE := .venv-release
+$(RELEASE)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RELEASE)
+	$(RELEASE)/bin/python -m pip install -q --upgrade pip
+	$(RELEASE)/bin/python -m pip install -q --group release
+	touch $@
+
+docs: setup
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs build/docs
+
+dist: $(RELEASE)/bin/.installed
+	rm -rf dist
+	$(RELEASE)/bin/python -m build --outdir dist .
+	$(RELEASE)/bin/twine check --strict dist/*
+
+# After `make dist`: the wheel installed (not editable) in a clean venv, the sdist unpacked
+# and installed as a packager would; see .ci/test-dist.
+test-wheel:
+	PYTHON=$(PYTHON) bash .ci/test-dist wheel
+test-sdist:
+	PYTHON=$(PYTHON) bash .ci/test-dist sdist
+
 clean:
-	rm -rf $(VENV) $(foreach c,$(CELLS),$(word 1,$($(c)))) build *.egg-info example_project/db.sqlite3*
+	rm -rf $(VENV) $(foreach c,$(CELLS),$(word 1,$($(c)))) $(DEMO_VENV) $(RELEASE) build dist *.egg-info example_project/db.sqlite3*

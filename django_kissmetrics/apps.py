@@ -19,7 +19,7 @@ class KissmetricsConfig(AppConfig):
 
         A worker that starts replays what the spool holds.
         """
-        from . import receivers, shutdown
+        from . import receivers, shutdown, worker
         from .checks import check_settings
 
         # Login and signup are contrib.auth's: a site without it has none to join.
@@ -27,6 +27,7 @@ class KissmetricsConfig(AppConfig):
             receivers.connect(allauth=apps.is_installed("allauth.account"))
         checks.register(check_settings)
         shutdown.install()
+        worker.install()
         try:
             from celery.signals import (
                 worker_init,

@@ -282,7 +282,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         messages.append(
             Warning(
                 'KISSMETRICS["API_KEY"] is not set: tracking is disabled.',
-                hint="Set it to your site's key from Kissmetrics' settings page.",
+                hint=(
+                    "Set it to your site's key from Kissmetrics' settings page, usually "
+                    'read from the environment: os.environ.get("KISSMETRICS_API_KEY"). '
+                    "Give the Celery worker the same variable."
+                ),
                 id="django_kissmetrics.W002",
             )
         )

@@ -1,8 +1,9 @@
 """The ``KISSMETRICS`` setting: each key declared once, validated, reset on ``setting_changed``.
 
-Every key is one field of :class:`Settings`: its type (the annotation), its default and a
-line of documentation. Validation, :data:`DEFAULTS` and the README's settings table (a
-test compares them) all follow from that one declaration.
+Every key is one field of :class:`Settings`: its type (the annotation), its default and
+its documentation. Validation, :data:`DEFAULTS` and the documentation's settings table
+(generated from the fields, ``docs/_ext/kissmetrics_settings.py``) all follow from that
+one declaration.
 """
 
 from __future__ import annotations
@@ -72,15 +73,18 @@ def _key(
     minimum: float | None = None,
     accepts: tuple[type, ...] | None = None,
     convert: Callable[[Any], Any] | None = None,
+    shown: str | None = None,
 ) -> Any:
     """Declare one ``KISSMETRICS`` key: a dataclass field carrying its rules as metadata.
 
+    ``doc`` (Markdown) is the key's row in the documentation's settings table, and
+    ``shown`` the default there when its value would not read well (``5 years``).
     ``accepts`` (what a user may write) and ``convert`` (what the code reads) are only
     for keys whose stored form differs from the written one; for the rest the accepted
     types come from the field's annotation.
     """
     meta = {"doc": doc, "choices": choices, "minimum": minimum, "accepts": accepts}
-    return dataclasses.field(default=default, metadata={**meta, "convert": convert})
+    return dataclasses.field(default=default, metadata={**meta, "convert": convert, "shown": shown})
 
 
 def _pattern(value: str | None) -> re.Pattern[str] | None:
@@ -124,124 +128,303 @@ _SCRIPT_URL = re.compile(r"(https?:)?//[^/\s]+/\S*|/(?!/)\S*", re.IGNORECASE)
 class Settings:
     """The validated ``KISSMETRICS`` setting, with every default filled in."""
 
-    API_KEY: str | None = _key(None, "Your site's key; without it nothing is tracked or sent.")
-    TRACKING_URL: str = _key("https://trk.kissmetrics.io", "Where commands are sent (http(s)).")
-    BACKEND: str = _key("celery", "celery, tasks, sync, locmem, disabled, or a BaseBackend path.")
+    API_KEY: str | None = _key(
+        None,
+        (
+            "Your site's key. Without it nothing is tracked or sent, the tag renders "
+            "nothing, and a system check warns."
+        ),
+    )
+    TRACKING_URL: str = _key(
+        "https://trk.kissmetrics.io",
+        "Where commands are sent (`/e`, `/s`, `/a` are appended). Must be http(s).",
+    )
+    BACKEND: str = _key(
+        "celery",
+        (
+            '`"celery"`, `"tasks"` (Django Tasks: see [Install with Django '
+            'Tasks](install-tasks.md)), `"sync"` (deliver in the '
+            'request, no Celery), `"locmem"` (tests), `"disabled"`, or a dotted path to a '
+            "`BaseBackend` subclass."
+        ),
+    )
     IDENTITY: str = _key(
-        "django_kissmetrics.identity.user_identity", "Dotted path of user -> identity."
+        "django_kissmetrics.identity.user_identity",
+        (
+            "Dotted path of a function `user -> str`: a logged-in user's identity. The "
+            "default is the primary key as text."
+        ),
     )
-    COOKIE_NAME: str = _key("km_ai", "The anonymous-id cookie the JavaScript library reads.")
+    COOKIE_NAME: str = _key(
+        "km_ai", "The anonymous-id cookie; it must stay the one the JavaScript library reads."
+    )
     COOKIE_DOMAIN: str | None = _key(
-        None, "Domain of the cookie; None: the request's host, if ALLOWED_HOSTS names it."
+        None,
+        (
+            '`Domain` of the cookie, for example `".example.com"` to share it across '
+            "subdomains. `None`: the request's host when it matches an `ALLOWED_HOSTS` "
+            'entry other than `"*"`; else (and for `localhost` and IP addresses) '
+            "host-only."
+        ),
     )
-    COOKIE_MAX_AGE: int = _key(FIVE_YEARS, "Lifetime of the cookie, in seconds.", minimum=0)
-    SIGNUP_EVENT: str | None = _key("Signed Up", "Recorded on signup; None: none.")
-    LOGIN_EVENT: str | None = _key("Logged In", "Recorded on login; None: none.")
-    HONOR_DNT: bool = _key(True, "DNT: 1 or Sec-GPC: 1 visitors are not tracked.")
-    TIMEOUT: float = _key(5.0, "Seconds to wait for the tracking server.", minimum=0)
-    MAX_RETRIES: int = _key(8, "Retries of a failed command before giving up.", minimum=0)
-    RETRY_BACKOFF: float = _key(2.0, "Seconds before the first retry; doubles.", minimum=0)
-    RETRY_BACKOFF_MAX: float = _key(600.0, "The longest wait between retries.", minimum=0)
-    CELERY_QUEUE: str | None = _key(None, "Queue of the delivery task; None: the default.")
-    TASKS_BACKEND: str = _key("default", "With BACKEND tasks: the TASKS alias to enqueue on.")
-    TASKS_QUEUE: str | None = _key(None, "With BACKEND tasks: the queue; None: the default.")
+    COOKIE_MAX_AGE: int = _key(
+        FIVE_YEARS, "Lifetime of the cookie, in seconds.", minimum=0, shown="5 years"
+    )
+    SIGNUP_EVENT: str | None = _key(
+        "Signed Up", "Recorded on signup; `None`: alias and identify only."
+    )
+    LOGIN_EVENT: str | None = _key(
+        "Logged In", "Recorded on login; `None`: alias and identify only."
+    )
+    LOGIN_EVENT_ON_SIGNUP: bool = _key(
+        False,
+        ("Also record `LOGIN_EVENT` for the login that completes a signup (in the same request)."),
+    )
+    HONOR_DNT: bool = _key(
+        True,
+        (
+            "Visitors sending `DNT: 1` or `Sec-GPC: 1` get no cookie and no tracking, "
+            "server or browser side."
+        ),
+    )
+    TIMEOUT: float = _key(5.0, "Seconds to wait for the tracking server on each call.", minimum=0)
+    MAX_RETRIES: int = _key(
+        8, "Retries of a failed command before it is given up (logged and signalled).", minimum=0
+    )
+    RETRY_BACKOFF: float = _key(
+        2.0,
+        ("Seconds before the first retry; doubles each time, with jitter (0.5x to 1.5x)."),
+        minimum=0,
+    )
+    RETRY_BACKOFF_MAX: float = _key(
+        600.0,
+        (
+            "The longest wait between retries. Keep it well under the broker's visibility "
+            "timeout (see Deploying)."
+        ),
+        minimum=0,
+    )
+    CELERY_QUEUE: str | None = _key(
+        None, "Queue for the delivery task; `None`: Celery's default queue."
+    )
+    TASKS_BACKEND: str = _key(
+        "default",
+        ('With `"BACKEND": "tasks"`: the alias in `TASKS` that the delivery task is enqueued on.'),
+    )
+    TASKS_QUEUE: str | None = _key(
+        None,
+        (
+            'With `"BACKEND": "tasks"`: the queue of the delivery task; `None`: the '
+            "backend's default queue."
+        ),
+    )
     DELIVERY_CONCURRENCY: int = _key(
-        256, "Calls a worker process has in flight to the tracker (and connections).", minimum=1
+        256,
+        (
+            "The most calls a worker process has in flight to the tracker at once, and so "
+            "the most connections it keeps open there (shared by every batch and thread "
+            "of the process). A batch larger than that is sent by that many calls at a "
+            "time, never more sockets or pending calls. One process then keeps a core "
+            "busy against a tracker 50 ms away (about 5,000 events/s there); lower it to "
+            "be gentler, raise it for a tracker farther away."
+        ),
+        minimum=1,
     )
     PUBLISH: str = _key(
-        "background", "Publish off the request or inline.", choices=("background", "inline")
+        "background",
+        (
+            '`"background"`: a per-process thread publishes the Celery messages, off the '
+            'request. `"inline"`: publish in the request thread, as the response leaves '
+            "the middleware (about 1 ms)."
+        ),
+        choices=("background", "inline"),
     )
-    PUBLISH_WINDOW: float = _key(0.2, "Seconds one background message gathers.", minimum=0)
-    PUBLISH_QUEUE_SIZE: int = _key(10_000, "Batches the publisher may hold.", minimum=1)
+    PUBLISH_WINDOW: float = _key(
+        0.2,
+        (
+            "Seconds the background publisher gathers commands of several requests into "
+            "one message (at most 500 commands each). Publishing one message costs about "
+            "a millisecond of CPU whatever it carries, so a busy process spends about 1 "
+            "ms / `PUBLISH_WINDOW` of its time on it: 0.5% at 0.2 s."
+        ),
+        minimum=0,
+    )
+    PUBLISH_QUEUE_SIZE: int = _key(
+        10_000,
+        (
+            "Requests' batches the publisher may hold; beyond it, batches are logged at "
+            "ERROR instead of queued."
+        ),
+        minimum=1,
+    )
     ON_ENQUEUE_FAILURE: str = _key(
         "spool",
-        "When the broker cannot be reached: spool, sync, or log.",
+        (
+            'When the broker cannot be reached: `"spool"` the commands on local disk and '
+            'replay them once it answers; `"sync"`: deliver them directly from the '
+            'publisher thread and spool what fails; `"log"`: no spool, log the commands '
+            "at ERROR and send `delivery_failed` (so too for what a worker gives up)."
+        ),
         choices=("spool", "sync", "log"),
     )
     SPOOL_DIR: str | None = _key(
         None,
-        "Folder of the spool (this user's, 0700); None: one per site under the temp folder.",
+        (
+            "Folder of the spool (a SQLite file shared by every process of the site). "
+            "`None`: `django-kissmetrics-<project>-<uid>-<hash>` under the temp folder, "
+            "`<hash>` being of the absolute `BASE_DIR` (or of the settings module when "
+            "there is none): one spool per site and user, whatever the project folder is "
+            "named. It must be this user's own, mode 0700 (see Troubleshooting). In a "
+            "container, mount a volume here."
+        ),
         accepts=(str, PurePath, _NONE),
         convert=_path,
     )
-    SPOOL_MAX_BYTES: int = _key(64 * 2**20, "The most the spool holds, in bytes.", minimum=1)
+    SPOOL_MAX_BYTES: int = _key(
+        64 * 2**20,
+        ("The most the spool holds; a batch that does not fit is logged at ERROR and signalled."),
+        minimum=1,
+        shown="64 MiB",
+    )
     SPOOL_MAX_AGE: float = _key(
-        7 * 24 * 3600.0, "Seconds after its call a command is dropped.", minimum=0
+        7 * 24 * 3600.0,
+        (
+            "Seconds after its call a spooled command is given up (logged at ERROR and "
+            "signalled) instead of replayed."
+        ),
+        minimum=0,
+        shown="7 days",
     )
     EXCLUDE_PATHS: tuple[str, ...] = _key(
         ("/admin/", "/static/", "/media/", "/favicon.ico", "/robots.txt", "/health"),
-        "Path prefixes whose visitors are not tracked.",
+        (
+            "Path prefixes where visitors get no cookie and are not tracked (calls with "
+            "an explicit `identity=` still go through)."
+        ),
         accepts=(list, tuple),
         convert=tuple,
     )
     IGNORE_USER_AGENTS: re.Pattern[str] | None = _key(
         r"bot\b|crawl|spider|slurp|bingpreview|facebookexternalhit|mediapartners",
-        "A regular expression of user agents that are not tracked.",
+        ("User agents that are not tracked, like excluded paths; `None` to track everyone."),
         accepts=(str, _NONE),
         convert=_pattern,
+        shown="a regular expression matching common bots",
     )
     SCRIPT_URLS: tuple[str, str] = _key(
         ("//i.kissmetrics.io/i.js", "//scripts.kissmetrics.io/{key}.2.js"),
-        "The two library scripts the tag loads; {key} is the API key.",
+        (
+            "The two scripts of the JavaScript library the tag loads, in this order; "
+            "`{key}` becomes the API key. Serve them from your own domain (a path such as "
+            '`"/km/i.js"`, or `https://`) and ad blockers leave them alone.'
+        ),
         accepts=(list, tuple),
         convert=tuple,
     )
     CSP_NONCE_ATTRIBUTE: str | None = _key(
-        "csp_nonce", "The request attribute holding a CSP nonce."
+        "csp_nonce",
+        (
+            "The request attribute holding a Content-Security-Policy nonce "
+            "(django-csp's); the script element carries it."
+        ),
     )
     CONSENT: str | None = _key(
-        None, "Dotted path of request -> bool, true once the visitor agreed; None: no gate."
+        None,
+        (
+            "Dotted path of a function `request -> bool`, true once the visitor agreed to "
+            "analytics. Until then: no cookie, nothing sent about them, an inert loader "
+            "(see Consent). `None`: no gate."
+        ),
     )
     CONSENT_COOKIE_GROUP: str = _key(
-        "analytics", "The django-cookie-consent group that the consent adapter reads."
+        "analytics",
+        (
+            "The django-cookie-consent cookie group that "
+            "`django_kissmetrics.consent.django_cookie_consent` reads."
+        ),
     )
     CONSENT_SCRIPT_ATTRIBUTES: tuple[tuple[str, str], ...] = _key(
         (("type", "text/plain"), ("data-category", "analytics")),
-        "Attributes of the inert loader a consent manager switches on.",
+        (
+            "Attributes of the inert loader, the mark your consent manager looks for. It "
+            "must keep a `type` the browser does not run."
+        ),
         accepts=(dict, tuple),
         convert=lambda value: tuple(dict(value).items()),
     )
     SITES: dict[str, str | None] | str | None = _key(
         None,
-        "Host (or .domain) -> API key, or a dotted path of request -> key | None; "
-        "unmatched hosts use API_KEY.",
+        (
+            "Several Kissmetrics sites in one project: a dict of host "
+            '(`"shop.example.com"`, or `".example.com"` for a domain and its subdomains) '
+            "to API key (`None`: not tracked), or a dotted path of a function `request -> "
+            "key \\| None`. Hosts in no entry use `API_KEY` (see Several sites)."
+        ),
         accepts=(dict, str, _NONE),
         convert=_sites,
     )
     TRACK: str | None = _key(
-        None, "Dotted path of request -> bool; false: this visitor is not tracked."
+        None,
+        (
+            "Dotted path of a function `request -> bool`; false: this visitor is not "
+            "tracked, as on an excluded path. Ready-made: "
+            "`django_kissmetrics.track.not_staff`, `.not_internal`, "
+            "`.not_staff_or_internal` (see Keeping traffic out)."
+        ),
     )
     INTERNAL_IPS: tuple[IPv4Network | IPv6Network, ...] = _key(
         (),
-        "Addresses and ranges (10.0.0.0/8) that django_kissmetrics.track.not_internal keeps out.",
+        (
+            'Addresses and ranges (`"10.0.0.0/8"`, `"2001:db8::/32"`) that '
+            "`django_kissmetrics.track.not_internal` keeps out."
+        ),
         accepts=(list, tuple),
         convert=_networks,
     )
     TRUSTED_IP_HEADER: str | None = _key(
         None,
-        "META key of the header your own proxy sets to the visitor's address "
-        "(HTTP_X_FORWARDED_FOR: its last entry); None: REMOTE_ADDR.",
+        (
+            "The `request.META` key of a header that your own proxy sets to the visitor's "
+            'address (`"HTTP_X_FORWARDED_FOR"`: its last entry is read). `None`: '
+            "`REMOTE_ADDR`. Name it only behind a proxy that overwrites it."
+        ),
     )
     BEFORE_SEND: str | None = _key(
-        None, "Dotted path of Command -> Command | None, run on each command; None: drop it."
+        None,
+        (
+            "Dotted path of a function `Command -> Command \\| None`, run once on each "
+            "command where it is made; `None` drops it (see Shaping every command)."
+        ),
     )
     GLOBAL_PROPERTIES: dict[str, Any] | str | None = _key(
         None,
-        "Properties under every event's own: a dict, or a dotted path of request | None -> dict.",
+        (
+            "Properties under every event's own: a dict, or a dotted path of a function "
+            "`request \\| None -> dict` (`None` outside a request)."
+        ),
         accepts=(dict, str, _NONE),
         convert=lambda value: dict(value) if isinstance(value, dict) else value,
     )
 
     AUTO_EVENTS: tuple[str, ...] = _key(
         (),
-        "Acquisition events the middleware records: Visited Site, Ad Campaign Hit, "
-        "Search Engine Hit, Referrer.",
+        (
+            'Acquisition events the middleware records on the server, any of `"Visited '
+            'Site"`, `"Ad Campaign Hit"`, `"Search Engine Hit"`, `"Referrer"`; the tag '
+            "then tells the library to skip its own (see Acquisition events)."
+        ),
         accepts=(list, tuple),
         convert=tuple,
     )
     LIBRARY_SETTINGS: tuple[tuple[str, int], ...] = _key(
         (),
-        "The library's KM_SKIP_* switches the tag sets, name -> bool.",
+        (
+            "The JavaScript library's switches the tag sets before the loader, name -> "
+            "`True`/`False`: `KM_SKIP_VISITED_SITE`, `KM_SKIP_PAGE_VIEW`, `KM_SKIP_UTM`, "
+            "`KM_SKIP_SEARCH_ENGINE`, `KM_SKIP_REFERRER`, `KM_SKIP_URL`, "
+            "`KM_SKIP_FORM_FIELDS`, `KM_SKIP_RETURNING`. Another name raises. "
+            "`KM_SKIP_FORM_FIELDS` is on unless set to `False` here (see Triggers)."
+        ),
         accepts=(dict, tuple),
         convert=lambda value: tuple((k, int(v)) for k, v in dict(value).items()),
     )
@@ -285,9 +468,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     f.name: f.metadata["accepts"] or _accepted(_HINTS[f.name]) for f in _FIELDS
 }
 
-#: Every key of the ``KISSMETRICS`` setting with its default (see the README's table).
+#: Every key of the ``KISSMETRICS`` setting with its default (see the settings table).
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in _FIELDS}
-#: Every key with its line of documentation.
+#: Every key with its documentation (Markdown).
 DOCS: dict[str, str] = {f.name: f.metadata["doc"] for f in _FIELDS}
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .commands import Command, loggable
-from .conf import get_settings
+from .conf import ConfigurationError, get_settings
 from .exceptions import TrackingError
 from .signals import delivery_failed
 
@@ -34,7 +34,8 @@ def client(key: str | None = None) -> KissmetricsClient:
     conf = get_settings()
     key = key or conf.API_KEY
     if not key:
-        raise TrackingError("KISSMETRICS['API_KEY'] is not set")
+        # Not an answer from the tracker: a configuration to fix, with the commands kept.
+        raise ConfigurationError("KISSMETRICS['API_KEY'] is not set")
     return KissmetricsClient(
         key, url=conf.TRACKING_URL, timeout=conf.TIMEOUT, concurrency=conf.DELIVERY_CONCURRENCY
     )
@@ -49,13 +50,21 @@ def deliver(commands: Sequence[Command]) -> list[tuple[Command, TrackingError]]:
     if not commands:
         return []
     conf = get_settings()
+    if not (conf.API_KEY or conf.SITES) and any(c.api_key is None for c in commands):
+        # A command with no key of its own (queued before keys travelled) needs this
+        # process's: a worker that lacks it (a misconfiguration: one site, no key) keeps
+        # the whole batch, nothing sent yet, for a worker that has it.
+        raise ConfigurationError(
+            "KISSMETRICS['API_KEY'] is not set, and a command has no key of its own"
+        )
     by_key: dict[str | None, list[Command]] = {}
     for command in commands:
         by_key.setdefault(command.api_key or conf.API_KEY, []).append(command)
     failures: list[tuple[Command, TrackingError]] = []
     for key, group in by_key.items():
         if key is None:
-            # Sending it under some other site's key would mix two sites' numbers.
+            # SITES and no API_KEY: no site's key is this command's, and sending it under
+            # another site's key would mix two sites' numbers.
             error = TrackingError("no API key: the command has none and API_KEY is not set")
             error.status = 400  # Not retriable: no later attempt will find a key.
             failures += [(c, error) for c in group]

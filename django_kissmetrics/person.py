@@ -6,12 +6,14 @@ authentication already does for a logged-in one.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from django.utils import timezone
 from django.utils.functional import SimpleLazyObject, empty
 from django.utils.module_loading import import_string
 
@@ -23,10 +25,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SESSION_IDENTITY", "CurrentPerson", "identity_for", "stored_session"]
+__all__ = ["SESSION_IDENTITY", "CurrentPerson", "identity_for", "joined_at", "stored_session"]
 
 #: The session key holding an identity given to ``km.identify()``.
 SESSION_IDENTITY = "_km_identity"
+
+
+def joined_at(user: Any) -> dt.datetime | None:
+    """When ``user`` was created (``date_joined``), or ``None`` if the model has no such time.
+
+    A naive time (``USE_TZ = False``) is in ``TIME_ZONE``, as Django stores it and as
+    ``kissmetrics_backfill`` reads it.
+    """
+    when = getattr(user, "date_joined", None)
+    if not isinstance(when, dt.datetime):
+        return None
+    if timezone.is_naive(when):
+        when = timezone.make_aware(when, timezone.get_default_timezone())
+    return when
 
 
 @functools.cache

@@ -1,7 +1,8 @@
 """``kissmetrics_ping``: one test event through the configured path, reported hop by hop.
 
 The hops, in order: the settings and the API key; with the ``celery`` backend, the broker,
-then a worker taking the ping task (``django_kissmetrics.ping``); with ``tasks``, the task
+then a worker taking the ping task (``django_kissmetrics.ping``) and its own settings
+(``worker configuration``: a worker without an API key); with ``tasks``, the task
 enqueued, then a worker picking it up; last, the tracking server's answer. A Celery worker
 reports back through a queue of its own on the broker, so the ping works with a broker
 alone, without a result backend; a task reports through its result. Any other backend sends
@@ -183,6 +184,13 @@ def _through_celery(conf: Settings, command: Command, deadline: float, report: R
                     "tracking server",
                     f"{worker} took the task but reported no answer from the tracking server "
                     f"in {timeout:.0f} s",
+                )
+            if answer.get("hop") == "worker configuration":
+                raise PingFailed(
+                    "worker configuration",
+                    f"{worker} took the task but cannot deliver: {answer.get('error')} in "
+                    "the worker's settings (does its environment lack KISSMETRICS_API_KEY, "
+                    "which this process has?)",
                 )
             _tracker_answer(
                 answer.get("url", conf.TRACKING_URL),

@@ -13,7 +13,7 @@ from celery.exceptions import Reject
 
 from . import delivery, undelivered
 from .commands import Command
-from .conf import get_settings
+from .conf import ConfigurationError, get_settings
 from .exceptions import TrackingError
 from .undelivered import backoff
 
@@ -39,6 +39,12 @@ def deliver(self: Task[Any, Any], commands: list[list[Any] | dict[str, Any]]) ->
     batch = [Command.from_wire(c) for c in commands]
     try:
         failures = delivery.deliver(batch)
+    except ConfigurationError as exc:
+        # This worker lost its key (or another setting) after it started: a worker with
+        # a good configuration, or this one fixed, replays them from the spool.
+        delay = get_settings().RETRY_BACKOFF_MAX
+        undelivered.keep(batch, exc, "this worker cannot deliver", delay=delay)
+        return 0
     except Exception as exc:
         # Not an answer from the tracker (a worker without an API key, a bug): Celery
         # would log only the exception and drop the message, commands and all.
@@ -83,11 +89,17 @@ def ping(self: Task[Any, Any], command: list[Any] | dict[str, Any], reply_to: st
             )
 
     reply(hop="worker")
-    conf = get_settings()
+    ping_command = Command.from_wire(command)
+    try:
+        conf = get_settings()
+        api = delivery.client(ping_command.api_key)
+    except ConfigurationError as exc:
+        # The worker's own settings, not the tracking server, are what failed.
+        reply(hop="worker configuration", error=str(exc))
+        return
     answer: dict[str, Any] = {"hop": "tracking server", "url": conf.TRACKING_URL}
     try:
-        ping_command = Command.from_wire(command)
-        answer["status"] = delivery.client(ping_command.api_key).send(ping_command)
+        answer["status"] = api.send(ping_command)
     except TrackingError as exc:
         answer.update(status=exc.status, error=str(exc))
     except Exception as exc:  # A worker without an API key, a bad setting: say so.

@@ -4,14 +4,23 @@
 ``km_outbox`` clears it between tests. :class:`StandInTracker` answers ``/e``, ``/s``
 and ``/a`` like the real API and records every hit, so integration tests can send
 real HTTP without a Kissmetrics account.
+
+``python -m django_kissmetrics.testing [--host H] [--port N]`` runs the stand-in on its
+own and prints each hit, until Ctrl-C: point ``TRACKING_URL`` at it to see what a site
+sends before it has an account.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
+import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -19,7 +28,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .commands import Command
 
-__all__ = ["Hit", "StandInTracker", "outbox"]
+__all__ = ["Hit", "StandInTracker", "main", "outbox"]
 
 #: Commands sent with the ``locmem`` backend, oldest first.
 outbox: list[Command] = []
@@ -61,12 +70,20 @@ class StandInTracker:
 
     Faults for tests: ``fail(n, status)`` answers ``status`` to the next ``n`` hits,
     ``delay`` holds every answer that many seconds, ``stop()`` refuses connections
-    until ``start()`` again (on the same port).
+    until ``start()`` again (on the same port). ``on_hit`` is called with every hit,
+    in the server's thread.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        on_hit: Callable[[Hit, int], None] | None = None,
+    ) -> None:
         self.host = host
         self.port = port
+        self.on_hit = on_hit
         self.hits: list[Hit] = []
         self.refused: list[Hit] = []
         self.delay = 0.0
@@ -139,6 +156,8 @@ class StandInTracker:
             status = self._failures.pop(0) if self._failures else 200
             (self.hits if status == 200 else self.refused).append(hit)
             self._lock.notify_all()
+        if self.on_hit is not None:
+            self.on_hit(hit, status)
         return status
 
     def __enter__(self) -> StandInTracker:
@@ -186,3 +205,62 @@ def _handler(tracker: StandInTracker) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+_KINDS = {"/e": "record", "/s": "set", "/a": "alias"}
+
+
+def _describe(hit: Hit, status: int = 200) -> str:
+    """One line for ``hit``: what Kissmetrics would make of it."""
+    kind = _KINDS.get(hit.path, hit.path)
+    when = time.strftime("%H:%M:%S", time.localtime(hit.received))
+    text = f"{when} {status} {kind:<6} person={hit.person!r}"
+    if kind == "record":
+        text += f" event={hit.name!r}"
+    elif kind == "alias":
+        text += f" to={hit.name!r}"
+    if hit.properties:
+        text += " " + json.dumps(hit.properties, ensure_ascii=False)
+    if "_t" in hit.params:
+        text += f" _t={hit.params['_t']}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stand-in tracker and print each hit until Ctrl-C (or SIGTERM)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m django_kissmetrics.testing",
+        description="A stand-in Kissmetrics tracking server that prints what it receives.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8001, help="port (0: any free one)")
+    options = parser.parse_args(argv)
+
+    def show(hit: Hit, status: int) -> None:
+        print(_describe(hit, status), flush=True)
+
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        tracker = StandInTracker(options.host, options.port, on_hit=show).start()
+    except OSError as exc:
+        print(f"cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"Stand-in Kissmetrics tracker on {tracker.url}\n"
+        f'Set KISSMETRICS["TRACKING_URL"] = "{tracker.url}" (any API_KEY will do); '
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+    try:
+        while not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    tracker.stop()
+    print(f"{len(tracker.hits)} hit(s).", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,7 @@ from .browser import BrowserCommands
 from .commands import Command
 from .conf import get_settings
 from .identity import new_anonymous_id
-from .person import SESSION_IDENTITY, CurrentPerson, identity_for
+from .person import SESSION_IDENTITY, CurrentPerson, identity_for, joined_at
 from .transactions import in_event_loop, in_transaction, running_loop
 
 if TYPE_CHECKING:
@@ -295,16 +295,27 @@ class RequestTracker(CurrentPerson, Tracker):
             session[SESSION_IDENTITY] = named
 
     def login(self, user: Any) -> None:
-        """A user logged in: alias, identify, and record ``LOGIN_EVENT``."""
+        """A user logged in: alias, identify, and record ``LOGIN_EVENT``.
+
+        Not for the login that follows a signup in the same request, unless
+        ``LOGIN_EVENT_ON_SIGNUP``.
+        """
         if not self.active:
             return
-        self.identify(identity_for(user))
-        event = get_settings().LOGIN_EVENT
-        if event:
-            self.record(event)
+        named = identity_for(user)
+        self.identify(named)
+        conf = get_settings()
+        # The login that completes a signup is part of it, not a returning user.
+        after_signup = named in self._signed_up and not conf.LOGIN_EVENT_ON_SIGNUP
+        if conf.LOGIN_EVENT and not after_signup:
+            self.record(conf.LOGIN_EVENT)
 
     def signup(self, user: Any) -> None:
-        """A user signed up: alias, identify, and record ``SIGNUP_EVENT`` once."""
+        """A user signed up: alias, identify, and record ``SIGNUP_EVENT`` once.
+
+        The event carries the user's ``date_joined`` (where the model has it) as its
+        time, so a later ``kissmetrics_backfill signups`` sends the very same record.
+        """
         if not self.active:
             return
         named = identity_for(user)
@@ -312,7 +323,8 @@ class RequestTracker(CurrentPerson, Tracker):
         event = get_settings().SIGNUP_EVENT
         if event and named not in self._signed_up:
             self._signed_up = {*self._signed_up, named}
-            self.record(event)
+            # At the user's creation, as kissmetrics_backfill sends it: the same record.
+            self.record(event, timestamp=joined_at(user))
 
     def logout(self) -> None:
         """Forget the named person; the browser gets a fresh anonymous id."""

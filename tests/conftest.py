@@ -92,6 +92,16 @@ class RedisServer:
             self.process = None
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under KM_TEST_INSTALLED (CI's wheel run) the package must be the installed one."""
+    if os.environ.get("KM_TEST_INSTALLED"):
+        import django_kissmetrics
+
+        where = os.path.dirname(django_kissmetrics.__file__)
+        if "site-packages" not in where.split(os.sep):
+            pytest.exit(f"KM_TEST_INSTALLED: django_kissmetrics comes from {where}", 3)
+
+
 @pytest.fixture(autouse=True)
 def fresh_publisher() -> Iterator[None]:
     """A publisher of each test's own: one left probing a broker that a test took away

@@ -37,6 +37,9 @@ def test_middleware_before_authentication() -> None:
 
 def test_no_api_key_warns() -> None:
     assert ids(KISSMETRICS={"BACKEND": "locmem"}) == ["django_kissmetrics.W002"]
+    with override_settings(KISSMETRICS={"BACKEND": "locmem"}):
+        (warning,) = check_settings()
+    assert "KISSMETRICS_API_KEY" in (warning.hint or "")
 
 
 @pytest.mark.parametrize("url", ["ftp://trk.example", "trk.kissmetrics.io", "javascript:x"])

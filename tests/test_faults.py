@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -27,7 +28,7 @@ import pytest
 from celery.signals import task_postrun, task_prerun, task_retry
 from django.test import Client
 
-from django_kissmetrics import km, publisher
+from django_kissmetrics import km, publisher, spool
 from django_kissmetrics.commands import Command, make_record
 from django_kissmetrics.signals import delivery_failed
 from django_kissmetrics.tasks import deliver
@@ -353,22 +354,38 @@ def test_refused_for_good_is_given_up_at_once(
     assert_delivered(via_celery, [s for s in sent if s.event != rejected.name], most=1)
 
 
-def test_worker_without_an_api_key_logs_the_commands(
+def test_worker_that_lost_its_api_key_spools_the_commands(
     via_celery: StandInTracker,
     km_settings: Callable[..., None],
     failed: list[list[Command]],
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
-    # A worker deployed without the key (the web side has it): delivery cannot start.
-    km_settings(BACKEND="celery", TRACKING_URL=via_celery.url, API_KEY=None, **FAST_RETRIES)
+    # The key went missing after the worker started (a worker started without one does
+    # not consume at all: tests/test_worker_key.py): kept for a worker that has it.
+    km_settings(
+        BACKEND="celery",
+        TRACKING_URL=via_celery.url,
+        API_KEY=None,
+        SPOOL_DIR=str(tmp_path),
+        **FAST_RETRIES,
+    )
+    store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600)
     command = make_record("ann", "Keyless", {"plan": "pro"})
-    with caplog.at_level(logging.ERROR, logger="django_kissmetrics"):
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    with caplog.at_level(logging.WARNING, logger="django_kissmetrics"):
         deliver.delay([command.to_wire()])
-        wait_until(lambda: bool(failed), 15, "delivery_failed")
-    assert failed == [[command]]
-    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert "API_KEY" in error
-    assert '"Keyless"' in error
+        # The worker's thread logs once the commands are in the spool.
+        wait_until(lambda: bool(warnings()), 15, "the spool's warning")
+    assert store.status().commands == 1
+    assert failed == []
+    (warning,) = warnings()
+    assert "spooled 1 command(s) (this worker cannot deliver)" in warning
+    assert "API_KEY" in warning
+    assert store.purge(older_than=-60) == [command]
     assert via_celery.hits == []
 
 

@@ -1,11 +1,11 @@
-"""The README's Install steps, as written, on a site fresh from ``django-admin startproject``.
+"""The Install page's steps, as written, on a site fresh from ``django-admin startproject``.
 
-The code blocks of the README's Install section are applied verbatim: each Python block
+The code blocks of ``docs/install.md`` are applied verbatim: each Python block
 names its file on its first line (``# proj/settings.py (at the end)``) and is appended to
 it; the worker command is run as it stands. Only what a test must add is added, after the
-README's lines: the stand-in tracker's URL (no test may reach Kissmetrics) and a page
-that records an event and renders the README's template block. The broker is the Redis
-of ``KM_TEST_REDIS_URL``, given through the ``CELERY_BROKER_URL`` variable the README's
+Install page's lines: the stand-in tracker's URL (no test may reach Kissmetrics) and a page
+that records an event and renders the Install page's template block. The broker is the Redis
+of ``KM_TEST_REDIS_URL``, given through the ``CELERY_BROKER_URL`` variable the Install page's
 settings read.
 """
 
@@ -31,13 +31,13 @@ from tests.conftest import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = "proj"  # The README's name for the user's project.
+PROJECT = "proj"  # The Install page's name for the user's project.
 API_KEY = "fresh-site-key"
 
 
 @dataclass(frozen=True)
 class Block:
-    """A fenced code block of the README."""
+    """A fenced code block of the Install page."""
 
     language: str
     text: str
@@ -51,8 +51,8 @@ class Block:
 
 
 def install_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    return readme.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    """The Install page of the documentation."""
+    return (ROOT / "docs" / "install.md").read_text()
 
 
 def blocks(section: str) -> list[Block]:
@@ -164,7 +164,7 @@ def startproject(path: Path, tracker: StandInTracker, section: str, **extra: str
 
 @pytest.fixture
 def site(tmp_path: Path, tracker: StandInTracker, redis_url: str) -> Site:
-    """A fresh startproject site with the README's Install steps applied."""
+    """A fresh startproject site with the Install page's steps applied."""
     return startproject(tmp_path, tracker, install_section(), CELERY_BROKER_URL=redis_url)
 
 
@@ -180,7 +180,7 @@ def test_check_passes_and_warns_only_about_the_missing_key(site: Site) -> None:
 
 @pytest.fixture
 def worker(site: Site) -> Iterator[subprocess.Popen[bytes]]:
-    """The README's worker command, as written, in the site's folder."""
+    """The Install page's worker command, as written, in the site's folder."""
     section = install_section()
     (command,) = [
         line

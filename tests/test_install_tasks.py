@@ -1,4 +1,4 @@
-"""The README's "Install with Django Tasks" steps, as written, on a fresh startproject site.
+"""The "Install with Django Tasks" page's steps, as written, on a fresh startproject site.
 
 As in test_install.py: the section's Python block is appended to the file its first line
 names, its shell commands run as they stand, and the template block is Install's step 4.
@@ -32,8 +32,7 @@ pytestmark = [
 
 
 def tasks_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    return readme.split("\n## Install with Django Tasks (no broker)\n", 1)[1].split("\n## ", 1)[0]
+    return (ROOT / "docs" / "install-tasks.md").read_text()
 
 
 def commands() -> list[str]:

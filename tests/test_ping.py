@@ -7,8 +7,10 @@ subprocess (``tests.worker``) on the same Redis, as a site's worker would be.
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +36,16 @@ def ping(*args: str) -> tuple[list[str], str, float]:
     return out.getvalue().splitlines(), error, time.monotonic() - started
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shape(line: str) -> str:
+    """``line`` with what differs between runs (URLs, names, numbers, tokens) blanked."""
+    line = re.sub(r"\S+://[^\s,]+|[\w.-]+@[\w.%-]+|\w{4}\.\.\.", "#", line)
+    line = re.sub(r"'[^']*'|\b[0-9a-f]{16}\b|\d+(\.\d+)?", "#", line)
+    return line
+
+
 def hops(lines: list[str]) -> list[str]:
     """The hops reported as working, in order."""
     return [line.split(":", 1)[0].removeprefix("ok  ") for line in lines if line.startswith("ok")]
@@ -44,7 +56,7 @@ def celery_settings(
     tracker: StandInTracker, km_settings: Callable[..., None], celery_app: Any
 ) -> dict[str, Any]:
     """The celery backend, sending to the stand-in tracker (here and in the worker)."""
-    config = {"API_KEY": "ping-key", "BACKEND": "celery", "TRACKING_URL": tracker.url}
+    config = {"API_KEY": "ping-key-0123456789", "BACKEND": "celery", "TRACKING_URL": tracker.url}
     km_settings(**config)
     return config
 
@@ -65,6 +77,9 @@ def test_all_up_the_event_reaches_the_tracker(
     assert f"reachable at {redis_url}" in lines[1]
     assert "took the task from queue 'celery'" in lines[2]
     assert f"{tracker.url} answered 200" in lines[3]
+    # The output the Troubleshooting page shows, but for what varies from run to run.
+    sample = (ROOT / "docs" / "examples" / "ping_output.txt").read_text().splitlines()[1:]
+    assert [shape(line) for line in sample] == [shape(line) for line in lines]
     token = lines[-1].split("token ")[1].rstrip(").")
     (hit,) = tracker.wait_for(1)
     assert (hit.path, hit.person, hit.name) == ("/e", "ops@example.com", EVENT)
@@ -160,3 +175,16 @@ def test_settings_that_send_nothing_fail_first(
     lines, error, _ = ping()
     assert error.startswith(message)
     assert lines == []
+
+
+def test_a_worker_that_lost_its_key_delivers_the_ping_with_the_commands_key(
+    tracker: StandInTracker, redis_url: str, celery_settings: dict[str, Any]
+) -> None:
+    # The key travels with each command: the worker's own settings need none for it. (A
+    # worker started without one does not consume at all: tests/test_worker_key.py.)
+    with WorkerProcess(redis_url, celery_settings, lose_api_key=True):
+        lines, error, _ = ping("--timeout", "20")
+    assert not error, lines
+    assert hops(lines) == ["settings", "broker", "worker", "tracking server"]
+    (hit,) = tracker.wait_for(1)
+    assert hit.params["_k"] == celery_settings["API_KEY"]

@@ -24,7 +24,8 @@ __all__ = ["ProcessGroup", "WorkerProcess", "rss_kb"]
 
 ROOT = Path(__file__).resolve().parent.parent
 #: JSON handed to the subprocess: ``kissmetrics`` (keys merged into ``KISSMETRICS``),
-#: ``broker_url``, ``transport_options`` and ``ready_file``.
+#: ``broker_url``, ``transport_options``, ``ready_file`` and ``lose_api_key`` (the key
+#: is removed once the worker is ready).
 CONFIG_ENV = "KM_TEST_WORKER_CONFIG"
 
 
@@ -88,6 +89,7 @@ class WorkerProcess(ProcessGroup):
         transport_options: dict[str, Any] | None = None,
         log_path: Path | None = None,
         loglevel: str = "INFO",
+        lose_api_key: bool = False,
     ) -> None:
         self.broker_url = broker_url
         self.kissmetrics = kissmetrics
@@ -95,6 +97,7 @@ class WorkerProcess(ProcessGroup):
         self.concurrency = concurrency
         self.transport_options = transport_options or {}
         self.loglevel = loglevel
+        self.lose_api_key = lose_api_key
         self._tmp = tempfile.TemporaryDirectory(prefix="km-worker-")
         self.log_path = log_path or Path(self._tmp.name) / "worker.log"
         self.ready_file = Path(self._tmp.name) / f"ready-{time.monotonic_ns()}"
@@ -114,6 +117,7 @@ class WorkerProcess(ProcessGroup):
             "broker_url": self.broker_url,
             "transport_options": self.transport_options,
             "ready_file": str(self.ready_file),
+            "lose_api_key": self.lose_api_key,
         }
         env = {
             **os.environ,
@@ -200,16 +204,24 @@ def main(argv: list[str]) -> None:
 
     from celery.signals import worker_ready
 
-    from tests.celery_app import app
-
     ready_file = config.get("ready_file")
 
     @worker_ready.connect(weak=False)
     def announce(**kwargs: Any) -> None:
+        if config.get("lose_api_key"):
+            # A key that goes missing after the worker started (its checks passed).
+            from django_kissmetrics.conf import get_settings
+
+            settings.KISSMETRICS = {**settings.KISSMETRICS, "API_KEY": None}
+            get_settings.cache_clear()
         if ready_file:
             Path(ready_file).touch()
 
-    app.worker_main(["worker", *argv])
+    # The `celery` command itself (worker_main drops the worker's exit status).
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = ["celery", "--app=tests.celery_app", "worker", *argv]
+    celery_main()
 
 
 if __name__ == "__main__":
