@@ -50,6 +50,7 @@ RUN_BY = {
     "ping_output.txt": "tests/test_ping.py::test_all_up_the_event_reaches_the_tracker",
     "pytest.toml": "test_the_testing_page_runs_as_a_users_suite",
     "python_api.py": "test_the_python_api_examples",
+    "quickstart.sh": "tests/test_example_project.py::test_the_quick_start_names_make_targets",
     "standin.txt": "tests/test_standin_cli.py::test_it_prints_each_hit_until_ctrl_c",
     "tag_output.html": "test_the_tag_output_is_what_a_page_holds",
     "test_pricing.py": "test_the_testing_page_runs_as_a_users_suite",

@@ -553,3 +553,13 @@ def test_the_second_host_is_a_site_of_its_own(demo: Demo) -> None:
     assert recorded(person) >= {("Viewed Pricing", anonymous, "server")}
     # The first site's people keep the first key.
     assert {p["site"] for p in people if anonymous not in p["identities"]} <= {"demo-key"}
+
+
+def test_the_quick_start_names_make_targets() -> None:
+    """The README's two commands (docs/examples/quickstart.sh) name real Makefile targets."""
+    lines = (ROOT / "docs" / "examples" / "quickstart.sh").read_text().splitlines()
+    commands = [line.split("#", 1)[0].split() for line in lines if line.strip()]
+    assert [c[:2] for c in commands] == [["make", "demo"], ["make", "test"]]
+    for command in commands:
+        done = subprocess.run([*command, "-n"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
