@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import re
 import shlex
 import subprocess
@@ -20,8 +21,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import django
 import pytest
 from django.contrib.auth.models import User
+from django.core import checks
 from django.core.management import call_command
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
@@ -30,6 +33,7 @@ from django.test import Client, override_settings
 from django.urls import include, path
 from django.utils.module_loading import import_string
 
+from django_kissmetrics import conf, km
 from django_kissmetrics.commands import Command
 from django_kissmetrics.testing import StandInTracker
 from tests.models import Order, Subscription
@@ -41,42 +45,34 @@ EXAMPLES = DOCS / "examples"
 #: Example files, each with the test that runs it (in this module unless named).
 RUN_BY = {
     "allauth_base.html": "test_allauth_pages_carry_the_tag",
+    "analytics.py": "test_the_shaping_hooks_rename_drop_and_add",
+    "auto_events_settings.py": "test_auto_events_record_a_campaign_on_the_server",
     "backfill.sh": "test_the_backfill_lines_run",
     "base.html": "test_allauth_pages_carry_the_tag",
     "client.py": "test_the_client_example_sends_three_calls",
     "consent.py": "test_the_consent_function_gates_the_loader",
     "consent_inert.html": "test_the_consent_function_gates_the_loader",
+    "csp_settings.py": "test_the_csp_policy_passes_the_checks",
     "panel_settings.py": "test_the_panel_setting_names_importable_panels",
     "ping_output.txt": "tests/test_ping.py::test_all_up_the_event_reaches_the_tracker",
     "pytest.toml": "test_the_testing_page_runs_as_a_users_suite",
     "python_api.py": "test_the_python_api_examples",
     "quickstart.sh": "tests/test_example_project.py::test_the_quick_start_names_make_targets",
+    "shaping_settings.py": "test_the_shaping_hooks_rename_drop_and_add",
+    "sites_outside.py": "test_calls_outside_a_request_name_their_site",
+    "sites_settings.py": "test_each_host_gets_its_sites_key",
     "standin.txt": "tests/test_standin_cli.py::test_it_prints_each_hit_until_ctrl_c",
     "tag_output.html": "test_the_tag_output_is_what_a_page_holds",
     "test_pricing.py": "test_the_testing_page_runs_as_a_users_suite",
+    "track_settings.py": "test_staff_and_the_office_are_not_tracked",
+    "triggers.html": "test_the_trigger_tags_write_their_commands",
+    "triggers.py": "test_the_trigger_calls_reach_the_next_page",
     "views.py": "test_the_testing_page_runs_as_a_users_suite",
 }
 #: Pages whose fenced blocks a test applies as written (not includes).
 RUN_IN_PLACE = {
     "install.md": "tests/test_install.py",
     "install-tasks.md": "tests/test_install_tasks.py",
-}
-#: Blocks that came with the pages of several sites, traffic, shaping, triggers and
-#: acquisition events, still to be moved to docs/examples with a test each: (page, first
-#: line). The list may only shrink.
-NOT_YET_RUN = {
-    ("shaping.md", "# myproject/analytics.py"),
-    ("sites.md", "KISSMETRICS = {"),
-    ("sites.md", 'km.record("Renewed", identity="42", api_key="KEY-OF-THE-SHOP")'),
-    ("template-tag.md", "# settings.py"),
-    ("template-tag.md", "{% load kissmetrics %}"),
-    ("template-tag.md", 'km.js.track_click("#buy", "Clicked Buy", {"plan": "pro"})'),
-    (
-        "template-tag.md",
-        'KISSMETRICS = {..., "AUTO_EVENTS": ["Visited Site", "Ad Campaign Hit", '
-        '"Search Engine Hit", "Referrer"]}',
-    ),
-    ("traffic.md", "KISSMETRICS = {"),
 }
 #: Fenced blocks that are pictures, not code.
 DIAGRAMS = {("identities.md", "text")}
@@ -126,9 +122,7 @@ def test_every_example_is_included_and_run() -> None:
                     "{warning}",
                 }, (page.name, info)
             else:
-                first = body.strip().splitlines()[0]
                 runs = page.name in RUN_IN_PLACE or (page.name, info) in DIAGRAMS
-                runs = runs or (page.name, first) in NOT_YET_RUN
                 assert runs, f"{page.name}: a {info or 'plain'} block nothing runs:\n{body}"
     examples = {p.name for p in EXAMPLES.iterdir() if p.name != "README.md"}
     assert examples == set(RUN_BY), "every example file needs a test in RUN_BY"
@@ -154,12 +148,19 @@ def base_page(request: HttpRequest) -> HttpResponse:
     return render(request, "base.html")
 
 
+def triggers_page(request: HttpRequest) -> HttpResponse:
+    page = engines["django"].from_string((EXAMPLES / "triggers.html").read_text())
+    return HttpResponse(page.render({"signup_properties": {"source": "footer"}}, request))
+
+
 urlpatterns = [
     path("pricing/", lambda request: load("views").pricing(request)),
     path("buy/", lambda request: load("views").buy(request)),
     path("receipt/", receipt, name="receipt"),
     path("api/", python_api_view),
     path("page/", base_page),
+    path("triggers/", triggers_page),
+    path("product/", lambda request: load("triggers").product(request)),
     path("accounts/", include("allauth.urls")),
 ]
 
@@ -321,3 +322,140 @@ def test_the_readme_works_on_the_registry_page() -> None:
     for _, body in fenced_blocks(readme):
         for line in body.splitlines():
             assert line.strip() in known_lines | {"", "..."}, line
+
+
+def settings_of(name: str) -> dict[str, Any]:
+    """The ``KISSMETRICS`` of a settings example, checked as Django would load it."""
+    example: dict[str, Any] = load(name).KISSMETRICS
+    conf.load(example)
+    return example
+
+
+@pytest.mark.django_db
+def test_the_shaping_hooks_rename_drop_and_add(
+    monkeypatch: pytest.MonkeyPatch, km_settings: Callable[..., None], km_outbox: list[Command]
+) -> None:
+    # The page's module is myproject/analytics.py, as the settings name it.
+    monkeypatch.setitem(sys.modules, "myproject", ModuleType("myproject"))
+    monkeypatch.setitem(sys.modules, "myproject.analytics", load("analytics"))
+    km_settings(**settings_of("shaping_settings"), BACKEND="locmem")
+    km.record("Viewed Healthcheck", identity="42")
+    km.record("Bought", {"plan": "pro"}, identity="42")
+    km.record("Renewed", {"region": "us"}, identity="42")
+    assert [(c.name, dict(c.properties)) for c in km_outbox] == [
+        ("Purchased", {"plan": "pro", "region": "eu", "release": "2026.12"}),
+        ("Renewed", {"region": "us", "release": "2026.12"}),
+    ]
+
+
+def kmk(html: str) -> str | None:
+    """The key the tag gave the library (``_kmk``), or ``None`` without a tag."""
+    found = re.search(r'var _kmk = _kmk \|\| "([^"]*)";', html)
+    return found.group(1) if found else None
+
+
+@pytest.mark.django_db
+@pytest.mark.urls("tests.test_docs")
+def test_each_host_gets_its_sites_key(
+    client: Client, km_settings: Callable[..., None], km_outbox: list[Command]
+) -> None:
+    km_settings(**settings_of("sites_settings"), BACKEND="locmem")
+    hosts = ["shop.example.com", "example.de", "www.example.de", "staging.example.com"]
+    hosts += ["www.example.com"]
+    with override_settings(ALLOWED_HOSTS=[".example.com", ".example.de"]):
+        keys = [kmk(client.get("/receipt/", HTTP_HOST=host).content.decode()) for host in hosts]
+        client.get("/api/", HTTP_HOST="www.example.de")
+    assert keys == [
+        "KEY-OF-THE-SHOP",
+        "KEY-OF-GERMANY",
+        "KEY-OF-GERMANY",
+        None,
+        "KEY-OF-THE-MAIN-SITE",
+    ]
+    assert {(c.name, c.api_key) for c in km_outbox if c.name == "Purchased"} == {
+        ("Purchased", "KEY-OF-GERMANY")
+    }
+
+
+def test_calls_outside_a_request_name_their_site(
+    km_settings: Callable[..., None], km_outbox: list[Command]
+) -> None:
+    km_settings(**settings_of("sites_settings"), BACKEND="locmem")
+    load("sites_outside").outside_a_request()
+    assert [(c.kind, c.person, c.api_key) for c in km_outbox] == [
+        ("record", "42", "KEY-OF-THE-SHOP"),
+        ("set", "42", "KEY-OF-THE-SHOP"),
+        ("alias", "old@example.com", "KEY-OF-THE-SHOP"),
+        ("record", "7", "KEY-OF-GERMANY"),
+    ]
+
+
+@pytest.mark.skipif(django.VERSION < (6, 0), reason="Django's own CSP came with 6.0")
+def test_the_csp_policy_passes_the_checks() -> None:
+    from django.conf import settings
+
+    namespace: dict[str, Any] = {"MIDDLEWARE": list(settings.MIDDLEWARE)}
+    exec((EXAMPLES / "csp_settings.py").read_text(), namespace)
+    assert namespace["MIDDLEWARE"][-1] == "django.middleware.csp.ContentSecurityPolicyMiddleware"
+    with override_settings(MIDDLEWARE=namespace["MIDDLEWARE"], SECURE_CSP=namespace["SECURE_CSP"]):
+        ids = [m.id for m in checks.run_checks() if (m.id or "").startswith("django_kissmetrics")]
+    assert ids == []
+
+
+def pushed(html: str) -> list[Any]:
+    """Every command a page gives the library (``_kmq.push([...])``), decoded."""
+    return [json.loads(c) for c in re.findall(r"_kmq\.push\((\[.*?\])\);", html)]
+
+
+@pytest.mark.urls("tests.test_docs")
+def test_the_trigger_tags_write_their_commands(client: Client) -> None:
+    page = client.get("/triggers/").content.decode()
+    assert pushed(page) == [
+        ["trackClick", "#buy", "Clicked Buy", {"plan": "pro"}],
+        ["trackSubmit", "#signup", "Submitted Signup", {"source": "footer"}],
+        ["trackClickOnOutboundLink", ".partner", "Left For Partner", {}],
+    ]
+    assert '<button id="buy">Buy</button>' in page
+
+
+@pytest.mark.django_db
+@pytest.mark.urls("tests.test_docs")
+def test_the_trigger_calls_reach_the_next_page(client: Client) -> None:
+    page = client.get("/product/", follow=True).content.decode()
+    assert pushed(page)[-3:] == [
+        ["trackClick", "#buy", "Clicked Buy", {"plan": "pro"}],
+        ["trackSubmit", "#signup", "Submitted Signup", {}],
+        ["trackClickOnOutboundLink", ".partner", "Left For Partner", {}],
+    ]
+
+
+@pytest.mark.urls("tests.test_docs")
+def test_auto_events_record_a_campaign_on_the_server(
+    client: Client, km_settings: Callable[..., None], km_outbox: list[Command]
+) -> None:
+    km_settings(**settings_of("auto_events_settings"), BACKEND="locmem")
+    client.get("/receipt/?utm_source=newsletter&utm_campaign=spring")
+    campaign = next(c for c in km_outbox if c.name == "Ad Campaign Hit")
+    assert campaign.properties["Campaign Source"] == "newsletter"
+    assert campaign.properties["Campaign Name"] == "spring"
+    assert "Visited Site" in [c.name for c in km_outbox]
+    # The server owns those events: the page tells the library to skip its own.
+    assert "var KM_SKIP_UTM = 1;" in client.get("/receipt/").content.decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.urls("tests.test_docs")
+def test_staff_and_the_office_are_not_tracked(
+    client: Client, km_settings: Callable[..., None]
+) -> None:
+    km_settings(**settings_of("track_settings"))
+    assert kmk(client.get("/receipt/").content.decode()) == "YOUR-KEY"
+    assert kmk(client.get("/receipt/", REMOTE_ADDR="192.0.2.7").content.decode()) is None
+    assert kmk(client.get("/receipt/", REMOTE_ADDR="2001:db8::1").content.decode()) is None
+    client.cookies.clear()
+    client.force_login(User.objects.create_user("ann"))
+    assert kmk(client.get("/receipt/").content.decode()) == "YOUR-KEY"
+    client.force_login(User.objects.create_user("bob", is_staff=True))
+    page = client.get("/receipt/")
+    assert kmk(page.content.decode()) is None
+    assert "km_ai" not in page.cookies
