@@ -197,6 +197,19 @@ def worker(site: Site) -> Iterator[subprocess.Popen[bytes]]:
         stop(process)
 
 
+def first_page(site: Site, server: subprocess.Popen[bytes], url: str) -> tuple[str, str]:
+    """GET ``url`` once the new site's server answers (30 s at most): page and Set-Cookie."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urlopen(url, timeout=5) as response:
+                return response.read().decode(), response.headers["Set-Cookie"] or ""
+        except OSError:
+            assert server.poll() is None, site.log("web.log")
+            assert time.monotonic() < deadline, site.log("web.log")
+            time.sleep(0.2)
+
+
 def test_a_request_reaches_the_tracker_through_a_worker(
     site: Site, worker: subprocess.Popen[bytes], tracker: StandInTracker
 ) -> None:
@@ -209,17 +222,7 @@ def test_a_request_reaches_the_tracker_through_a_worker(
     port = free_port()
     server = site.start("manage.py", "runserver", f"127.0.0.1:{port}", "--noreload", log="web.log")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urlopen(f"http://127.0.0.1:{port}/pricing/", timeout=5) as response:
-                    page = response.read().decode()
-                    cookie = response.headers["Set-Cookie"]
-                break
-            except OSError:
-                assert server.poll() is None, site.log("web.log")
-                assert time.monotonic() < deadline, site.log("web.log")
-                time.sleep(0.2)
+        page, cookie = first_page(site, server, f"http://127.0.0.1:{port}/pricing/")
         hits = tracker.wait_for(2, timeout=20)
     finally:
         stop(server)

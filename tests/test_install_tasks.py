@@ -12,17 +12,15 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.request import urlopen
 
 import django
 import pytest
 
 from django_kissmetrics.testing import StandInTracker
 from tests.conftest import free_port
-from tests.test_install import API_KEY, ROOT, Site, blocks, startproject, stop
+from tests.test_install import API_KEY, ROOT, Site, blocks, first_page, startproject, stop
 
 pytestmark = [
     pytest.mark.integration,
@@ -94,16 +92,7 @@ def test_a_page_reaches_the_tracker_through_db_worker(
     port = free_port()
     server = site.start("manage.py", "runserver", f"127.0.0.1:{port}", "--noreload", log="web.log")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urlopen(f"http://127.0.0.1:{port}/pricing/", timeout=5) as response:
-                    page = response.read().decode()
-                break
-            except OSError:
-                assert server.poll() is None, site.log("web.log")
-                assert time.monotonic() < deadline, site.log("web.log")
-                time.sleep(0.2)
+        page, _ = first_page(site, server, f"http://127.0.0.1:{port}/pricing/")
         hits = tracker.wait_for(2, timeout=30)
     finally:
         stop(server)
