@@ -55,8 +55,16 @@ class _Engine:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
-        self.thread = threading.Thread(target=self._run, name="kissmetrics-delivery", daemon=True)
-        self.thread.start()
+        self._inline = threading.Lock()
+        self.thread: threading.Thread | None = threading.Thread(
+            target=self._run, name="kissmetrics-delivery", daemon=True
+        )
+        try:
+            self.thread.start()
+        except RuntimeError:
+            # Python 3.12.0 to 3.12.2 start no thread in an exit hook (CPython gh-113964):
+            # a flush at exit then runs the loop in the calling thread instead.
+            self.thread = None
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -64,6 +72,9 @@ class _Engine:
 
     def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coroutine`` on the loop and wait for its result in the calling thread."""
+        if self.thread is None:
+            with self._inline:
+                return self.loop.run_until_complete(coroutine)
         if threading.current_thread() is self.thread:
             coroutine.close()
             raise RuntimeError("KissmetricsClient's blocking API called on its own loop")
@@ -137,7 +148,7 @@ os.register_at_fork(after_in_child=_after_fork)
 def close() -> None:
     """Close this process's connections to every tracking server (reopened on next use)."""
     engine = _engine
-    if engine is not None and engine.thread.is_alive():
+    if engine is not None and (engine.thread is None or engine.thread.is_alive()):
         engine.run(engine.close())
 
 
