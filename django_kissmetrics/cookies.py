@@ -20,7 +20,7 @@ from django.utils.cache import patch_cache_control, patch_vary_headers
 from django.utils.http import http_date
 
 from .conf import get_settings
-from .identity import cookie_domain
+from .identity import cookie_domain, per_host
 
 __all__ = [
     "AnonymousCookie",
@@ -47,24 +47,9 @@ def cookie_domain_for(request: HttpRequest) -> str | None:
     configured = get_settings().COOKIE_DOMAIN
     if configured:
         return configured
-    # A site answers to a handful of hosts: validating one with get_host() each time
-    # costs more than everything else the middleware does for a returning visitor.
-    meta = request.META
-    key = (meta.get("HTTP_X_FORWARDED_HOST"), meta.get("HTTP_HOST", ""))
-    try:
-        return _domains[key]
-    except KeyError:
-        pass
-    try:
-        host = request.get_host()
-    except Exception:  # DisallowedHost: Django answers 400 elsewhere; no Domain here.
-        return None
-    domain = cookie_domain(host, None) if _named_host(host) else None
-    if key[1]:  # Without a Host header get_host() uses SERVER_NAME: not worth a key.
-        if len(_domains) >= 256:
-            _domains.clear()  # Bounded, whatever hosts ALLOWED_HOSTS lets in.
-        _domains[key] = domain
-    return domain
+    return per_host(
+        request, _domains, lambda host: cookie_domain(host, None) if _named_host(host) else None
+    )
 
 
 def _named_host(host: str) -> bool:

@@ -7,7 +7,8 @@ import functools
 import ipaddress
 import os
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "encode_cookie",
     "is_anonymous_id",
     "new_anonymous_id",
+    "per_host",
     "user_identity",
 ]
 
@@ -94,3 +96,36 @@ def cookie_domain(host: str, configured: str | None) -> str | None:
     except ValueError:
         return name
     return None
+
+
+_V = TypeVar("_V")
+
+
+def per_host(
+    request: Any,
+    cache: dict[tuple[str | None, str], _V | None],
+    compute: Callable[[str], _V | None],
+) -> _V | None:
+    """``compute(request.get_host())``, remembered per Host header; ``None`` for a host
+    Django refuses (it answers 400 elsewhere).
+
+    A site answers to a handful of hosts, and validating one with ``get_host()`` each time
+    costs more than everything else the middleware does for a returning visitor. At most
+    256 are kept, whatever hosts ``ALLOWED_HOSTS`` lets in.
+    """
+    meta = request.META
+    key = (meta.get("HTTP_X_FORWARDED_HOST"), meta.get("HTTP_HOST", ""))
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    try:
+        host = request.get_host()
+    except Exception:
+        return None
+    value = compute(host)
+    if key[1]:  # Without a Host header get_host() uses SERVER_NAME: not worth a key.
+        if len(cache) >= 256:
+            cache.clear()
+        cache[key] = value
+    return value

@@ -20,6 +20,7 @@ from django.http import HttpRequest
 from django.utils.module_loading import import_string
 
 from .conf import Settings
+from .identity import per_host
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +87,4 @@ def key_for_request(request: HttpRequest, conf: Settings) -> str | None:
                 logger.exception("Kissmetrics: SITES %r failed; not tracking its requests", sites)
             return None
         return key if isinstance(key, str) and key else None
-    meta = request.META
-    # A site answers to a handful of hosts: get_host() validates each once.
-    cache_key = (meta.get("HTTP_X_FORWARDED_HOST"), meta.get("HTTP_HOST", ""))
-    try:
-        return _keys[cache_key]
-    except KeyError:
-        pass
-    try:
-        host = request.get_host()
-    except Exception:  # DisallowedHost: Django answers 400 elsewhere.
-        return None
-    key = key_for_host(host, sites, conf.API_KEY)
-    if cache_key[1]:
-        if len(_keys) >= 256:
-            _keys.clear()  # Bounded, whatever hosts ALLOWED_HOSTS lets in.
-        _keys[cache_key] = key
-    return key
+    return per_host(request, _keys, lambda host: key_for_host(host, sites, conf.API_KEY))
