@@ -134,6 +134,17 @@ STAND_IN_LIBRARY = r"""
 """
 
 
+# Both libraries (the real one and kmq.js) take `_kmq` over when they run: its push is then
+# theirs, no longer the array's. The loader inserts the script after a timer tick, so the
+# page's `load` event can come before it, and a trigger is bound only once it has run.
+LIBRARY_RUNNING = "() => window._kmq && window._kmq.push !== Array.prototype.push"
+
+
+def wait_for_library(page: Page, timeout: float = 10_000) -> None:
+    """Wait until the Kissmetrics library on ``page`` has taken over ``_kmq``."""
+    page.wait_for_function(LIBRARY_RUNNING, timeout=timeout)
+
+
 @dataclass
 class Library:
     """What the stand-in library saw on one page."""

@@ -29,7 +29,7 @@ from urllib.request import urlopen
 
 import pytest
 
-from tests.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, wait_for_library
 
 pytestmark = pytest.mark.browser
 
@@ -504,10 +504,11 @@ def test_a_campaign_visit_and_the_tracked_button_and_form(demo: Demo) -> None:
         accept_analytics(page)  # Back to the same URL, now tracked.
         assert page.url == f"{demo.url}/?utm_source=demo&utm_campaign=launch"
         visitor = km_ai(page)
-        page.wait_for_load_state("load")
+        wait_for_library(page)  # The triggers are bound.
         with page.expect_navigation():
             page.get_by_role("link", name="See pricing").click()
         page.goto(f"{demo.url}/")
+        wait_for_library(page)
         page.fill("input[name=team]", "Rocket")
         with page.expect_navigation():
             page.get_by_role("button", name="Send me updates").click()

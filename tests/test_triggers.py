@@ -21,7 +21,7 @@ from django.test import Client, RequestFactory
 from django_kissmetrics import km
 from django_kissmetrics.conf import load
 from django_kissmetrics.testing import StandInTracker
-from tests.browser import BrowserPage, browser, km_page, site
+from tests.browser import BrowserPage, browser, km_page, site, wait_for_library
 
 __all__ = ["browser", "km_page", "site"]  # Fixtures, used by name.
 
@@ -195,6 +195,7 @@ def open_triggers(page: BrowserPage, query: str = "") -> None:
     """The triggers page, loaded and its triggers bound."""
     page.goto(f"/browser/triggers/{query}")
     page.page.wait_for_load_state("load")
+    wait_for_library(page.page)
 
 
 def submit(page: BrowserPage) -> None:
