@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import delivery
 from .checks import loaded_celery_app
 from .client import KissmetricsClient
 from .commands import Command, make_record
 from .conf import ConfigurationError, Settings, get_settings
 from .exceptions import TrackingError
 
-__all__ = ["DEFAULT_IDENTITY", "EVENT", "PingFailed", "run"]
+__all__ = ["DEFAULT_IDENTITY", "EVENT", "PingFailed", "deliver_once", "run"]
 
 #: The event the ping records; its ``token`` property tells one ping from another.
 EVENT = "Kissmetrics Ping"
@@ -96,6 +97,56 @@ def _direct(conf: Settings, command: Command, deadline: float, report: Report) -
     except TrackingError as exc:
         status, error = exc.status, str(exc)
     _tracker_answer(conf.TRACKING_URL, status, error, time.monotonic() - started, "", report)
+
+
+def deliver_once(wire: list[Any] | dict[str, Any]) -> dict[str, Any]:
+    """The ping task's work on a worker, Celery's or Django Tasks': send the event once.
+
+    The answer names the hop: ``worker configuration`` (with ``error``) when the worker's own
+    settings fail, such as a worker without an API key, which must not read as the tracking
+    server's fault; else ``tracking server``, with its ``url``, ``status`` and ``error``.
+    No retries: the command is waiting for the answer.
+    """
+    command = Command.from_wire(wire)
+    try:
+        conf = get_settings()
+        api = delivery.client(command.api_key)
+    except ConfigurationError as exc:
+        return {"hop": "worker configuration", "error": str(exc)}
+    answer: dict[str, Any] = {
+        "hop": "tracking server",
+        "url": conf.TRACKING_URL,
+        "status": None,
+        "error": None,
+    }
+    try:
+        answer["status"] = api.send(command)
+    except TrackingError as exc:
+        answer.update(status=exc.status, error=str(exc))
+    except Exception as exc:  # Whatever else failed on the worker: say what it was.
+        answer["error"] = f"{type(exc).__name__}: {exc}"
+    return answer
+
+
+def worker_answer(
+    answer: dict[str, Any], conf: Settings, worker: str, took: float, report: Report
+) -> None:
+    """Report what :func:`deliver_once` returned on ``worker``, or raise the hop that failed."""
+    if answer.get("hop") == "worker configuration":
+        raise PingFailed(
+            "worker configuration",
+            f"{worker} took the task but cannot deliver: {answer.get('error')} in "
+            "the worker's settings (does its environment lack KISSMETRICS_API_KEY, "
+            "which this process has?)",
+        )
+    _tracker_answer(
+        answer.get("url", conf.TRACKING_URL),
+        answer.get("status"),
+        answer.get("error"),
+        took,
+        f" (from {worker})",
+        report,
+    )
 
 
 def _tracker_answer(
@@ -185,21 +236,7 @@ def _through_celery(conf: Settings, command: Command, deadline: float, report: R
                     f"{worker} took the task but reported no answer from the tracking server "
                     f"in {timeout:.0f} s",
                 )
-            if answer.get("hop") == "worker configuration":
-                raise PingFailed(
-                    "worker configuration",
-                    f"{worker} took the task but cannot deliver: {answer.get('error')} in "
-                    "the worker's settings (does its environment lack KISSMETRICS_API_KEY, "
-                    "which this process has?)",
-                )
-            _tracker_answer(
-                answer.get("url", conf.TRACKING_URL),
-                answer.get("status"),
-                answer.get("error"),
-                time.monotonic() - started,
-                f" (from {worker})",
-                report,
-            )
+            worker_answer(answer, conf, worker, time.monotonic() - started, report)
         finally:
             replies.close()
             with contextlib.suppress(Exception):

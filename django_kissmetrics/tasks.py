@@ -14,7 +14,7 @@ from celery.exceptions import Reject
 from . import delivery, undelivered
 from .commands import Command
 from .conf import ConfigurationError, get_settings
-from .exceptions import TrackingError
+from .ping import deliver_once
 from .undelivered import backoff
 
 __all__ = ["backoff", "deliver", "ping"]
@@ -89,19 +89,4 @@ def ping(self: Task[Any, Any], command: list[Any] | dict[str, Any], reply_to: st
             )
 
     reply(hop="worker")
-    ping_command = Command.from_wire(command)
-    try:
-        conf = get_settings()
-        api = delivery.client(ping_command.api_key)
-    except ConfigurationError as exc:
-        # The worker's own settings, not the tracking server, are what failed.
-        reply(hop="worker configuration", error=str(exc))
-        return
-    answer: dict[str, Any] = {"hop": "tracking server", "url": conf.TRACKING_URL}
-    try:
-        answer["status"] = api.send(ping_command)
-    except TrackingError as exc:
-        answer.update(status=exc.status, error=str(exc))
-    except Exception as exc:  # A worker without an API key, a bad setting: say so.
-        answer.update(status=None, error=f"{type(exc).__name__}: {exc}")
-    reply(**answer)
+    reply(**deliver_once(command))

@@ -27,7 +27,6 @@ from django.utils import timezone
 from . import delivery, publisher, spool, undelivered
 from .commands import Command
 from .conf import Settings, get_settings
-from .exceptions import TrackingError
 
 try:  # Django 6.0+.
     from django.tasks import task, task_backends
@@ -163,24 +162,15 @@ def _deliver(batch: list[Command], attempt: int, conf: Settings) -> int:
 
 @task
 def ping(command: list[Any] | dict[str, Any]) -> dict[str, Any]:
-    """``kissmetrics_ping``'s test event: deliver it once; return the tracker's answer.
+    """``kissmetrics_ping``'s test event: deliver it once; return the tracker's answer."""
+    from .ping import deliver_once
 
-    No retries: the command is waiting for the answer.
-    """
-    conf = get_settings()
-    answer: dict[str, Any] = {"url": conf.TRACKING_URL, "status": None, "error": None}
-    try:
-        answer["status"] = delivery.client().send(Command.from_wire(command))
-    except TrackingError as exc:
-        answer.update(status=exc.status, error=str(exc))
-    except Exception as exc:  # A worker without an API key, a bad setting: say so.
-        answer["error"] = f"{type(exc).__name__}: {exc}"
-    return answer
+    return deliver_once(command)
 
 
 def ping_through_tasks(conf: Settings, command: Command, deadline: float, report: Report) -> None:
     """The ping's hops through Django Tasks: enqueued, picked up, the tracker's answer."""
-    from .ping import PingFailed, _tracker_answer
+    from .ping import PingFailed, worker_answer
 
     try:
         configured = _configured(ping, conf)
@@ -218,12 +208,4 @@ def ping_through_tasks(conf: Settings, command: Command, deadline: float, report
     if result.status != "SUCCESSFUL":
         error = result.errors[-1].traceback.strip().splitlines()[-1] if result.errors else "?"
         raise PingFailed("worker", f"the ping task failed on {worker}: {error}")
-    answer: dict[str, Any] = result.return_value or {}
-    _tracker_answer(
-        answer.get("url", conf.TRACKING_URL),
-        answer.get("status"),
-        answer.get("error"),
-        time.monotonic() - started,
-        f" (from {worker})",
-        report,
-    )
+    worker_answer(result.return_value or {}, conf, worker, time.monotonic() - started, report)

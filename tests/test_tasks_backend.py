@@ -126,8 +126,9 @@ class Site:
         out = self.run("-m", "tests.tasks_site", str(count), label)
         return [Sent(*json.loads(line)) for line in out.splitlines()]
 
-    def worker(self) -> DbWorker:
-        worker = DbWorker(self, len(self.workers)).start()
+    def worker(self, **kissmetrics: Any) -> DbWorker:
+        """A ``db_worker``; ``kissmetrics`` overrides the site's settings in its own."""
+        worker = DbWorker(self, len(self.workers), kissmetrics).start()
         self.workers.append(worker)
         return worker
 
@@ -138,8 +139,9 @@ class Site:
 class DbWorker(ProcessGroup):
     """``manage.py db_worker``, polling every 0.1 s, in a process group of its own."""
 
-    def __init__(self, site: Site, n: int) -> None:
+    def __init__(self, site: Site, n: int, kissmetrics: dict[str, Any]) -> None:
         self.site = site
+        self.kissmetrics = {**site.kissmetrics, **kissmetrics}
         self.log_path = site.queue.tmp / f"worker-{n}.log"
         self.process = None
 
@@ -151,7 +153,7 @@ class DbWorker(ProcessGroup):
                     *("--no-startup-delay", "--worker-id", self.log_path.stem),
                 ],
                 cwd=ROOT,
-                env=self.site.queue.env(self.site.kissmetrics),
+                env=self.site.queue.env(self.kissmetrics),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -264,3 +266,16 @@ def test_the_ping_reports_each_hop(site: Site, tracker: StandInTracker) -> None:
     assert "ok  worker: worker-0 took the task" in out
     assert f"ok  tracking server: {tracker.url} answered 200" in out
     assert "(from worker-0)" in out
+
+
+def test_a_worker_without_a_key_delivers_the_ping_with_the_commands_key(
+    site: Site, tracker: StandInTracker
+) -> None:
+    # As on Celery (tests/test_ping.py): the key travels with the command, so a worker whose
+    # environment lacks it still delivers, and never blames the tracking server for that.
+    site.worker(API_KEY=None)
+    out = site.run("-m", "django", "kissmetrics_ping", "--timeout", "30")
+    assert f"ok  tracking server: {tracker.url} answered 200" in out
+    (hit,) = tracker.wait_for(1)
+    assert hit.name == "Kissmetrics Ping"
+    assert hit.params["_k"] == "test-key"
