@@ -124,11 +124,14 @@ dist: $(RELEASE)/bin/.installed
 	$(RELEASE)/bin/twine check --strict dist/*
 
 # After `make dist`: the wheel installed (not editable) in a clean venv, the sdist unpacked
-# and installed as a packager would; see .ci/test-dist.
+# and installed as a packager would; see .ci/test-dist. Each is also a cell of the matrix:
+# the wheel on the django61 cell's Python and Django, the sdist on django42's, so that CI
+# runs the suite on those two against what users install rather than twice over.
+dist-cell = PYTHON=$(call find-python,$(word 2,$($(1)))) DJANGO=$(word 3,$($(1)))
 test-wheel:
-	PYTHON=$(PYTHON) bash .ci/test-dist wheel
+	$(call dist-cell,django61) bash .ci/test-dist wheel
 test-sdist:
-	PYTHON=$(PYTHON) bash .ci/test-dist sdist
+	$(call dist-cell,django42) bash .ci/test-dist sdist
 
 clean:
 	rm -rf $(VENV) $(foreach c,$(CELLS),$(word 1,$($(c)))) $(DEMO_VENV) $(RELEASE) build dist *.egg-info example_project/db.sqlite3*

@@ -108,6 +108,9 @@ def _send_in_child(url: str) -> None:
     KissmetricsClient("k", url=url).record("p", "Child")
 
 
+# A fork with threads running is the point (gunicorn --preload forks a process that has
+# imported the package); Python 3.12+ warns about it.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_delivers_on_a_loop_of_its_own(tracker: StandInTracker) -> None:
     api = KissmetricsClient("k", url=tracker.url)
     api.record("p", "Parent before")  # The parent's loop and connection exist at the fork.

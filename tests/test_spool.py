@@ -479,6 +479,9 @@ def test_the_command_shows_replays_and_purges(
         call_command("kissmetrics_spool", "purge", "--older-than", "soon")
 
 
+# A fork with threads running is the point (gunicorn --preload forks a process that has
+# imported the package); Python 3.12+ warns about it.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_uses_a_connection_of_its_own(spool_dir: Path) -> None:
     store = the_spool()
     store.put([command(1)])  # The parent's connection is open across the fork.
