@@ -167,8 +167,9 @@ def test_log_means_no_spool(
 ) -> None:
     km_settings(ON_ENQUEUE_FAILURE="log", SPOOL_DIR=str(tmp_path))
     assert spool.get_spool() is None
-    assert not spool.keep([command(1)], None, "could not queue")
-    assert failed == [command(1)]
+    one = command(1)
+    assert not spool.keep([one], None, "could not queue")
+    assert failed == [one]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -258,8 +259,9 @@ def test_inline_publishing_leaves_the_spool_to_the_publisher_thread(
     put = spool.Spool.put
 
     def watched(self: spool.Spool, *args: Any, **kwargs: Any) -> bool:
-        writers.append(threading.current_thread().name)
-        return put(self, *args, **kwargs)
+        kept = put(self, *args, **kwargs)
+        writers.append(threading.current_thread().name)  # Once the write is done.
+        return kept
 
     monkeypatch.setattr(spool.Spool, "put", watched)
     assert client.get("/record/", {"event": "Inline"}).status_code == 200
@@ -307,12 +309,10 @@ def test_broker_and_tracker_down_with_a_deploy_inside_the_outage(
             old.stop()  # A deploy: the old web process goes, the outage goes on.
         with SiteProcess("gunicorn", config, own_broker.url, port=port) as new:
             sent += [visit(new, f"New process {n}") for n in range(10)]
-            time.sleep(2.0)  # The outage lasts a while.
+            store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600, api_key="test-key")
+            # The outage lasts until both processes' commands are in the spool.
+            wait_until(lambda: store.status().commands == 20, 15, "the spool to hold all 20")
             assert len(tracker.hits) == 1
-            status = spool.Spool(
-                tmp_path, max_bytes=10**9, max_age=3600, api_key="test-key"
-            ).status()
-            assert status.commands == 20
             own_broker.start()
             tracker.start()
             wait_until(lambda: len(tracker.hits) >= len(sent), 30, "delivery after the outage")
@@ -367,6 +367,9 @@ def test_sync_delivers_directly_and_spools_what_fails(
     tracker.stop()
     km.record("Kept", identity="ann")
     publisher.flush()
+    # The publisher probes the broker with a replay of its own (claim, publish, release);
+    # stopped, it cannot hold the entry at the moment this test claims it.
+    publisher.stop()
     (entry,) = the_spool().claim()
     assert [c.name for c in entry.commands] == ["Kept"]
     assert failed == []
@@ -376,10 +379,15 @@ def test_sync_delivers_directly_and_spools_what_fails(
 def test_a_retry_the_worker_cannot_queue_is_spooled_and_replayed(
     tracker: StandInTracker, own_broker: RedisServer, tmp_path: Path, failed: list[Command]
 ) -> None:
-    config = {"BACKEND": "celery", "TRACKING_URL": tracker.url, "SPOOL_DIR": str(tmp_path), **FAST}
+    config = {
+        "BACKEND": "celery",
+        "TRACKING_URL": tracker.url,
+        "SPOOL_DIR": str(tmp_path),
+        **{**FAST, "TIMEOUT": 10.0},
+    }
     store = spool.Spool(tmp_path, max_bytes=10**9, max_age=3600, api_key="test-key")
     store.put([command(1)])  # Left by an earlier process: the worker replays it as it starts.
-    tracker.delay = 1.0  # The 503 comes after the broker has gone.
+    tracker.delay = 3.0  # The 503 comes after the broker has gone, even on a slow machine.
     tracker.fail(1, 503)
     with WorkerProcess(own_broker.url, config) as worker:
         wait_until(lambda: " received" in worker.log(), 15, "the worker to take the batch")
@@ -405,8 +413,8 @@ import django
 django.setup()
 from django_kissmetrics import publisher, spool
 store = spool.get_spool()
-while time.time() < float(sys.argv[1]):
-    time.sleep(0.001)
+print("ready", flush=True)
+sys.stdin.readline()  # "go": both processes are ready, however long each took to start.
 sent, error = spool.replay(store, publisher.try_publish)
 print(json.dumps([sent, repr(error) if error else None]))
 """
@@ -427,13 +435,24 @@ def test_two_processes_replaying_one_spool_send_each_batch_once(
         "KM_TEST_SITE_CONFIG": json.dumps({"kissmetrics": config, "broker_url": own_broker.url}),
         "PYTHONPATH": str(ROOT),
     }
-    start_at = str(time.time() + 3.0)  # Both start replaying at the same moment.
     replayers = [
         subprocess.Popen(
-            [sys.executable, "-c", REPLAYER, start_at], cwd=ROOT, env=env, stdout=subprocess.PIPE
+            [sys.executable, "-c", REPLAYER],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2)
     ]
+    for p in replayers:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n"
+    for p in replayers:  # Both start replaying at the same moment, once both are ready.
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = [json.loads(p.communicate(timeout=40)[0]) for p in replayers]
     assert [error for _, error in results] == [None, None]
     counts = [sent for sent, _ in results]
@@ -517,8 +536,9 @@ def secret_spool(tmp_path: Path, km_settings: Callable[..., None]) -> Path:
 def spooled_visit(caplog: pytest.LogCaptureFixture, failed: list[Command]) -> list[str]:
     """keep() one command, as the publisher does when the broker fails; the ERROR lines."""
     caplog.clear()
-    assert spool.keep([command(1)], ConnectionError("broker down"), "could not queue") is False
-    assert failed == [command(1)]  # Logged in full and signalled: not lost silently.
+    one = command(1)
+    assert spool.keep([one], ConnectionError("broker down"), "could not queue") is False
+    assert failed == [one]  # Logged in full and signalled: not lost silently.
     return [x for x in errors(caplog) if "the spool cannot be used" in x]
 
 
@@ -665,8 +685,9 @@ def test_entries_spooled_before_keys_were_recorded_are_replayed(spool_dir: Path)
             " size INTEGER NOT NULL, count INTEGER NOT NULL, payload TEXT NOT NULL,"
             " claimed_by TEXT, claimed_at REAL)"
         )
-        wire = json.dumps([command(1).to_wire()])
-        at = command(1).timestamp
+        old = command(1)  # One command: each call stamps the current second.
+        wire = json.dumps([old.to_wire()])
+        at = old.timestamp
         db.execute(
             "INSERT INTO entries (oldest, newest, created, not_before, size, count, payload)"
             " VALUES (?, ?, ?, ?, ?, 1, ?)",
@@ -675,7 +696,7 @@ def test_entries_spooled_before_keys_were_recorded_are_replayed(spool_dir: Path)
         db.commit()
     sent: list[Command] = []
     assert spool.replay(the_spool(), lambda c: sent.extend(c)) == (1, None)
-    assert sent == [command(1)]
+    assert sent == [old]
 
 
 def test_purge_everything_takes_entries_timed_in_the_future(

@@ -334,7 +334,7 @@ def test_a_visit_is_counted_once_whoever_records_it(
     kmq_page.goto("/record/?event=Done")
     hits = browser_hits(tracker, "Done")
     assert hits
-    visits = [hit for hit in tracker.hits if hit.name == "Visited Site"]
+    visits = browser_hits(tracker, "Visited Site")  # The library's fetch may come last.
     assert len(visits) == 1
     assert visits[0].person == kmq_page.cookie("km_ai")
     assert visits[0].properties["URL"] == kmq_page.url("/browser/page/")
