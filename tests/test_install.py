@@ -25,7 +25,7 @@ from urllib.request import urlopen
 
 import pytest
 
-from django_kissmetrics.testing import StandInTracker
+from django_kissmetrics.testing import Hit, StandInTracker
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -210,6 +210,23 @@ def first_page(site: Site, server: subprocess.Popen[bytes], url: str) -> tuple[s
             time.sleep(0.2)
 
 
+def pricing_through_the_worker(site: Site, tracker: StandInTracker, wait: float) -> tuple[str, Hit]:
+    """Serve the new site, GET its /pricing/ page (with the tag, from the site's key), and
+    wait ``wait`` s for the worker to deliver its one "Viewed Pricing": Set-Cookie and hit."""
+    port = free_port()
+    server = site.start("manage.py", "runserver", f"127.0.0.1:{port}", "--noreload", log="web.log")
+    try:
+        page, cookie = first_page(site, server, f"http://127.0.0.1:{port}/pricing/")
+        hits = tracker.wait_for(2, timeout=wait)
+    finally:
+        stop(server)
+    assert f'var _kmk = _kmk || "{API_KEY}";' in page
+    viewed = [h for h in hits if h.name == "Viewed Pricing"]
+    assert len(viewed) == 1, f"{hits}\n{site.log('web.log')}\n{site.log('worker.log')}"
+    assert viewed[0].params["_k"] == API_KEY
+    return cookie, viewed[0]
+
+
 def test_a_request_reaches_the_tracker_through_a_worker(
     site: Site, worker: subprocess.Popen[bytes], tracker: StandInTracker
 ) -> None:
@@ -219,16 +236,6 @@ def test_a_request_reaches_the_tracker_through_a_worker(
     assert "ok  worker: celery@" in pinged.stdout
     tracker.wait_for(1)
 
-    port = free_port()
-    server = site.start("manage.py", "runserver", f"127.0.0.1:{port}", "--noreload", log="web.log")
-    try:
-        page, cookie = first_page(site, server, f"http://127.0.0.1:{port}/pricing/")
-        hits = tracker.wait_for(2, timeout=20)
-    finally:
-        stop(server)
-    assert f'var _kmk = _kmk || "{API_KEY}";' in page
+    cookie, viewed = pricing_through_the_worker(site, tracker, wait=20)
     assert cookie.startswith("km_ai=")
-    viewed = [h for h in hits if h.name == "Viewed Pricing"]
-    assert len(viewed) == 1, f"{hits}\n{site.log('web.log')}\n{site.log('worker.log')}"
-    assert viewed[0].params["_k"] == API_KEY
-    assert viewed[0].person  # The visitor's new anonymous id.
+    assert viewed.person  # The visitor's new anonymous id.

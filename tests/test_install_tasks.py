@@ -19,8 +19,15 @@ import django
 import pytest
 
 from django_kissmetrics.testing import StandInTracker
-from tests.conftest import free_port
-from tests.test_install import API_KEY, ROOT, Site, blocks, first_page, startproject, stop
+from tests.test_install import (
+    API_KEY,
+    ROOT,
+    Site,
+    blocks,
+    pricing_through_the_worker,
+    startproject,
+    stop,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -89,15 +96,5 @@ def test_a_page_reaches_the_tracker_through_db_worker(
     assert "ok  worker: " in pinged.stdout
     tracker.wait_for(1)
 
-    port = free_port()
-    server = site.start("manage.py", "runserver", f"127.0.0.1:{port}", "--noreload", log="web.log")
-    try:
-        page, _ = first_page(site, server, f"http://127.0.0.1:{port}/pricing/")
-        hits = tracker.wait_for(2, timeout=30)
-    finally:
-        stop(server)
-    assert f'var _kmk = _kmk || "{API_KEY}";' in page
-    viewed = [h for h in hits if h.name == "Viewed Pricing"]
-    assert len(viewed) == 1, f"{hits}\n{site.log('web.log')}\n{site.log('worker.log')}"
-    assert viewed[0].params["_k"] == API_KEY
-    assert viewed[0].params["_d"] == "1"
+    _, viewed = pricing_through_the_worker(site, tracker, wait=30)
+    assert viewed.params["_d"] == "1"
